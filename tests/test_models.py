@@ -1,0 +1,97 @@
+"""Models: parameter counts of the PyTorch originals, features, BatchNorm statistics, conv kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
+from wmdd_jax.train import init_variables
+
+
+def count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,kwargs,shape,classes,expected", [
+    # DC/DM ConvNet(channel=1, net_width=128, depth=3, im_size=28): 3 convs, 3 GroupNorm(128,128), Linear(1152, 10).
+    ("convnet3", dict(norm="instance"), (28, 28, 1), 10, 308_746),
+    ("convnet3", dict(norm="batch"), (28, 28, 1), 10, 308_746),
+    # ConvNetD4 on 32x32x3 (CIFAR-10): 4 pools leave 2x2x128 = 512 features.
+    ("convnet4", dict(norm="instance"), (32, 32, 3), 10, 3 * 9 * 128 + 128 + 3 * (128 * 9 * 128 + 128) + 4 * 256 + 512 * 10 + 10),
+    # torchvision resnet18(num_classes=1000): 11,689,512 parameters.
+    ("resnet18", dict(stem="imagenet"), (64, 64, 3), 1000, 11_689_512),
+    # The same with a 3x3 stem conv (CIFAR style) and 10 classes: 11,689,512 - 9408 + 1728 - 513*990.
+    ("resnet18", dict(stem="small"), (32, 32, 3), 10, 11_173_962),
+])
+def test_parameter_counts_match_pytorch(name, kwargs, shape, classes, expected):
+    model = create_model(name, classes, **kwargs)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
+    assert count(variables["params"]) == expected
+    assert BN_STATS not in variables
+
+
+def test_features_are_the_classifier_input():
+    model = create_model("convnet3", 10, norm="instance", width=16)
+    variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+    x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
+    logits, features = model.apply(variables, x, return_features=True)
+    assert features.shape == (3, 16 * 3 * 3)
+    head = variables["params"]["classifier"]
+    np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_moments_give_batch_and_class_statistics():
+    """Per-sample moments pooled by `pooled_moments` equal the statistics of the BN input itself."""
+    model = create_model("convnet3", 4, norm="batch", width=8)
+    variables = init_variables(model, jax.random.key(0), (12, 12, 1))
+    x = jax.random.normal(jax.random.key(1), (6, 12, 12, 1))
+    labels = jnp.array([0, 1, 1, 2, 2, 2])
+    _, state = model.apply(variables, x, train=False, mutable=[BN_STATS])
+    moments = collect_bn_moments(state)
+    assert list(moments) == ["norm0", "norm1", "norm2"]
+    # The first BN layer's input is the first convolution's output.
+    p = variables["params"]["conv0"]
+    first_input = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), [(1, 1)] * 2,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+    mean, var = pooled_moments(*moments["norm0"])
+    np.testing.assert_allclose(mean, first_input.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(var, first_input.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    cmean, cvar = pooled_moments(*moments["norm0"], segment_ids=labels, num_segments=3)
+    for k in range(3):
+        sel = first_input[np.asarray(labels) == k]
+        np.testing.assert_allclose(cmean[k], sel.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cvar[k], sel.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_running_statistics_follow_pytorch():
+    """momentum 0.1 and the unbiased batch variance, as torch.nn.BatchNorm2d."""
+    model = create_model("convnet3", 2, norm="batch", width=4)
+    variables = init_variables(model, jax.random.key(0), (8, 8, 1))
+    x = jax.random.normal(jax.random.key(1), (5, 8, 8, 1))
+    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats", BN_STATS])
+    first = collect_bn_moments(upd)["norm0"]
+    mean, var = pooled_moments(*first)
+    n = 5 * 8 * 8
+    np.testing.assert_allclose(upd["batch_stats"]["norm0"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["norm0"]["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("convnet3", dict(norm="instance"), (28, 28, 1)),
+    ("resnet18", dict(stem="imagenet"), (32, 32, 3)),
+])
+def test_conv_implementations_agree(name, kwargs, shape):
+    """The CPU im2col convolution and lax.conv compute the same model (same parameters)."""
+    fast = create_model(name, 10, conv_impl="im2col", **kwargs)
+    ref = create_model(name, 10, conv_impl="lax", **kwargs)
+    variables = init_variables(ref, jax.random.key(0), shape)
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_and_norm_are_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vgg11", 10)
+    with pytest.raises(ValueError, match="norm must be"):
+        init_variables(create_model("convnet3", 10, norm="layer"), jax.random.key(0), (8, 8, 1))

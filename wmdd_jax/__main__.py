@@ -1,0 +1,3 @@
+from wmdd_jax.main import run
+
+run()

@@ -1,0 +1,41 @@
+"""The ConvNet of the dataset-distillation literature (Gidaris & Komodakis 2018; DC, DM, MTT).
+
+``depth`` blocks of [3x3 conv (width) -> norm -> ReLU -> 2x2 average pool], then
+one linear classifier on the flattened map. Instance norm is the standard
+evaluator; batch norm is used for teachers, whose BN statistics WMDD matches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+
+from wmdd_jax.models.layers import Conv, avg_pool2, make_norm
+
+
+class ConvNet(nn.Module):
+    num_classes: int
+    depth: int = 3
+    width: int = 128
+    norm: str = "instance"
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """x: [n, h, w, c] normalised images -> logits [n, classes] (and features [n, d])."""
+        for i in range(self.depth):
+            x = Conv(self.width, 3, 1, 1, conv_impl=self.conv_impl, name=f"conv{i}")(x)
+            norm = make_norm(self.norm, train, name=f"norm{i}")
+            if norm is not None:
+                x = norm(x)
+            x = nn.relu(x)
+            x = avg_pool2(x)
+        features = x.reshape(x.shape[0], -1)
+        logits = nn.Dense(self.num_classes, name="classifier")(features)
+        return (logits, features) if return_features else logits
+
+
+ConvNet3 = functools.partial(ConvNet, depth=3)
+ConvNet4 = functools.partial(ConvNet, depth=4)

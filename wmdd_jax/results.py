@@ -1,0 +1,46 @@
+"""Results as JSON lines in the format of DESIGN.md "Results format"."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import sys
+
+import numpy as np
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it."""
+    argv = sys.argv[:]
+    if argv and argv[0].endswith(("__main__.py", "wmdd_jax")):
+        argv = ["python", "-m", "wmdd_jax", *argv[1:]]
+    elif argv:
+        argv = ["python", *argv]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def summary_row(*, dataset: str, method: str, model: str, ipc: int | None, label_mode: str | None,
+                values: list[float], metric: str = "test_accuracy", **extra) -> dict:
+    """Mean, std (population, as numpy and the DD literature) and n_seeds of per-seed values."""
+    row = {"dataset": dataset, "method": method, "model": model, "ipc": ipc, "label_mode": label_mode,
+           "metric": metric, "mean": round(float(np.mean(values)), 2), "std": round(float(np.std(values)), 2),
+           "n_seeds": len(values), "values": [round(float(v), 2) for v in values]}
+    row.update(extra)
+    row.setdefault("command", command_line())
+    row.setdefault("date", datetime.date.today().isoformat())
+    return row
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,62 @@
+"""Stage ``pretrain``: train the teacher on the real training split; and loading it back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from wmdd_jax import checkpoint as ckpt
+from wmdd_jax.data import Source, load_split
+from wmdd_jax.errors import UserError
+from wmdd_jax.models import create_model
+from wmdd_jax.train import Teacher, init_variables, train
+
+_MODEL_FILE = "model.json"
+
+
+def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
+    return create_model(spec.model, num_classes, norm=spec.norm, stem=spec.stem, width=spec.width,
+                        conv_impl=conv_impl)
+
+
+def _describe(spec, source: Source) -> dict:
+    return {"model": spec.model, "norm": spec.norm, "stem": spec.stem, "width": spec.width,
+            "num_classes": source.num_classes, "image_shape": list(source.image_shape)}
+
+
+def pretrain(config, workdir: str) -> Teacher:
+    """Trains (or resumes, or reuses a finished) teacher in ``workdir/teacher``."""
+    if config.teacher.checkpoint:
+        return load_teacher(config, workdir)
+    train_source = load_split(config.data, "train")
+    test_source = load_split(config.data, "test")
+    spec = config.teacher
+    if (spec.model.startswith("convnet") and spec.norm != "batch") or spec.label_mode != "hard":
+        raise UserError("the teacher must be trained with hard labels and have BatchNorm layers (WMDD matches "
+                        "their statistics): set --config.teacher.norm=batch and --config.teacher.label_mode=hard")
+    model = model_from_spec(spec, train_source.num_classes, config.conv_impl)
+    out = os.path.join(workdir, "teacher")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, _MODEL_FILE), "w") as f:
+        json.dump(_describe(spec, train_source), f)
+    result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher")
+    print(f"teacher: test accuracy {result.test_accuracy:.2f}% after {result.steps} steps "
+          f"({result.seconds / 60:.1f} min)")
+    return Teacher(model, result.variables)
+
+
+def load_teacher(config, workdir: str) -> Teacher:
+    """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``."""
+    folder = config.teacher.checkpoint or os.path.join(workdir, "teacher")
+    described = os.path.join(folder, _MODEL_FILE)
+    if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
+        raise UserError(f"no finished teacher in {folder}: run 'python -m wmdd_jax pretrain' with this "
+                        f"--workdir first, or set --config.teacher.checkpoint to a teacher folder")
+    with open(described) as f:
+        d = json.load(f)
+    model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
+                         conv_impl=config.conv_impl)
+    import jax
+
+    target = init_variables(model, jax.random.key(0), tuple(d["image_shape"]))
+    return Teacher(model, ckpt.load_tree(os.path.join(folder, "final"), target))

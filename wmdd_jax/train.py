@@ -1,0 +1,256 @@
+"""One supervised training loop, for teachers and for evaluation students.
+
+``train(model, spec, source, workdir, ...)`` trains ``model`` on ``source``
+with the optimizer, schedule, augmentation and labels that ``spec`` (a config
+section, see ``configs/default.py``: ``teacher`` / ``eval.hard`` / ``eval.soft``)
+describes. Labels are hard (cross-entropy) or soft (KL to a teacher run online
+on the same augmented batch, temperature ``spec.temperature``).
+
+Every step is a pure function of (state, batch, step): the batch order is a
+function of (seed, epoch) and the augmentation key is ``fold_in(seed, step)``,
+so a run killed at any point and resumed from its last checkpoint ends with the
+same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from wmdd_jax import checkpoint as ckpt
+from wmdd_jax.data import Source, augment_batch, normalize
+from wmdd_jax.models import BN_STATS
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+class Teacher(NamedTuple):
+    """A frozen model whose logits serve as soft labels."""
+
+    model: nn.Module
+    variables: Any
+
+
+class TrainResult(NamedTuple):
+    variables: dict
+    test_accuracy: float | None
+    steps: int
+    seconds: float
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
+    """Parameters (and BN running statistics) of a fresh model, without sown intermediates."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return {k: v for k, v in variables.items() if k != BN_STATS}
+
+
+def make_schedule(spec, total_steps: int) -> optax.Schedule:
+    if spec.schedule == "cosine":
+        return optax.cosine_decay_schedule(spec.lr, max(total_steps, 1))
+    if spec.schedule == "step":  # the DC/DM evaluation protocol: lr / 10 at half of training
+        return optax.piecewise_constant_schedule(spec.lr, {max(total_steps // 2, 1): 0.1})
+    if spec.schedule == "constant":
+        return optax.constant_schedule(spec.lr)
+    raise ValueError(f"schedule must be cosine, step or constant, got {spec.schedule!r}")
+
+
+def make_optimizer(spec, total_steps: int) -> optax.GradientTransformation:
+    lr = make_schedule(spec, total_steps)
+    if spec.optimizer == "sgd":
+        # PyTorch's SGD couples weight decay into the gradient before momentum.
+        return optax.chain(optax.add_decayed_weights(spec.weight_decay), optax.sgd(lr, momentum=spec.momentum))
+    if spec.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"optimizer must be sgd, adamw or adam, got {spec.optimizer!r}")
+
+
+def soft_label_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Per-example KL(softmax(t/T) || softmax(s/T)), summed over classes, no T^2 factor (SRe2L/WMDD)."""
+    t = jax.nn.log_softmax(teacher_logits / temperature)
+    s = jax.nn.log_softmax(student_logits / temperature)
+    return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def apply_model(model: nn.Module, variables: dict, images: jax.Array, train: bool):
+    """Logits and the new BN running statistics (unchanged for models without BN)."""
+    if train and "batch_stats" in variables:
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return logits, updates["batch_stats"]
+    return model.apply(variables, images, train=train), variables.get("batch_stats", {})
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, spec, mean, std,
+                    teacher: Teacher | None) -> Callable:
+    aug = dict(flip=bool(spec.augment.flip), crop_scale=spec.augment.crop_scale, shift=int(spec.augment.shift))
+    soft = spec.label_mode == "soft"
+
+    def step(state: TrainState, images, labels, weights, rng, teacher_vars):
+        x = normalize(images, mean, std)
+        x = augment_batch(jax.random.fold_in(rng, state.step), x, **aug)
+        target = teacher.model.apply(teacher_vars, x, train=False) if soft else None
+        w = weights / jnp.mean(weights)
+
+        def loss_fn(params):
+            logits, new_stats = apply_model(model, {"params": params, "batch_stats": state.batch_stats}, x, True)
+            if soft:
+                per_example = soft_label_loss(logits, target, spec.temperature)
+            else:
+                per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.mean(w * per_example), (logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_stats, opt_state=opt_state)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of the batch at ``step``: a fresh permutation each epoch, the last batch wrapped."""
+    per_epoch = math.ceil(num_examples / batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    perm = np.resize(perm, per_epoch * batch_size)  # wraps: fixed batch shape, one compile
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model: nn.Module):
+    @jax.jit
+    def correct(variables, images, labels, mask, mean, std):
+        logits = model.apply(variables, normalize(images, mean, std), train=False)
+        return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+    return correct
+
+
+def evaluate_accuracy(model: nn.Module, variables: dict, source: Source, batch_size: int = 500) -> float:
+    """Top-1 accuracy (%) of ``model`` on all of ``source``; last batch padded, one compile."""
+    correct_fn = _eval_fn(model)
+    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    total, n = 0, len(source)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        mask = (idx < n).astype(np.float32)
+        images, labels = source.get(np.minimum(idx, n - 1))
+        total += correct_fn(variables, images, labels, mask, mean, std)
+    return 100.0 * float(total) / n
+
+
+def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
+          test_source: Source | None = None, teacher: Teacher | None = None,
+          weights: np.ndarray | None = None, desc: str = "train", verbose: bool = True) -> TrainResult:
+    """Trains ``model`` from scratch (or resumes in ``workdir``) and tests it.
+
+    Args:
+      spec: a training config section (optimizer, lr, momentum, weight_decay, schedule,
+        epochs, batch_size, augment, label_mode, temperature, checkpoint_every_steps,
+        checkpoint_every_secs, log_every_steps).
+      source: the training images; ``weights`` ([len(source)]) weights each image's loss.
+      workdir: checkpoints, ``metrics.jsonl`` and ``result.json`` go here. A finished run
+        (``result.json`` present) is loaded, not retrained.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    result_path = os.path.join(workdir, "result.json")
+    n = len(source)
+    batch_size = min(int(spec.batch_size), n)
+    total_steps = int(spec.epochs) * math.ceil(n / batch_size)
+    if spec.label_mode == "soft" and teacher is None:
+        raise ValueError("label_mode 'soft' needs a teacher")
+
+    rng = jax.random.key(seed)
+    init_rng, step_rng = jax.random.split(rng)
+    variables = init_variables(model, init_rng, source.image_shape)
+    tx = make_optimizer(spec, total_steps)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
+    final_path = os.path.join(workdir, "final")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            done = json.load(f)
+        variables = ckpt.load_tree(final_path, _variables(state))
+        return TrainResult(variables, done.get("test_accuracy"), total_steps, done.get("seconds", 0.0))
+    manager = ckpt.manager(os.path.join(workdir, "checkpoints"))
+
+    state = ckpt.restore(manager, state)
+    start = int(state.step)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_metrics(metrics_path, start)
+
+    step_fn = make_train_step(model, tx, spec, np.asarray(source.mean, np.float32),
+                              np.asarray(source.std, np.float32), teacher)
+    teacher_vars = teacher.variables if teacher is not None else None
+    weights = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+    log_every = int(spec.log_every_steps)
+    t0, last_save = time.time(), time.time()
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not verbose or jax.process_index() != 0,
+               dynamic_ncols=True, leave=False)
+    running = []
+    with open(metrics_path, "a") as metrics_file:
+        for step in range(start, total_steps):
+            idx = batch_indices(n, batch_size, step, seed)
+            images, labels = source.get(idx)
+            state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars)
+            running.append(metrics)
+            done_steps = step + 1
+            if done_steps % log_every == 0 or done_steps == total_steps:
+                m = {k: float(np.mean([float(r[k]) for r in running])) for k in running[0]}
+                running = []
+                metrics_file.write(json.dumps({"step": done_steps, **m}) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 * m['accuracy']:.1f}")
+            bar.update(1)
+            if (done_steps % int(spec.checkpoint_every_steps) == 0
+                    or time.time() - last_save > float(spec.checkpoint_every_secs)
+                    or done_steps == total_steps):
+                ckpt.save(manager, done_steps, state)
+                last_save = time.time()
+    bar.close()
+    manager.wait_until_finished()
+    seconds = time.time() - t0
+    variables = _variables(state)
+    ckpt.save_tree(final_path, variables)
+    accuracy = evaluate_accuracy(model, variables, test_source) if test_source is not None else None
+    with open(result_path, "w") as f:
+        json.dump({"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds,
+                   "images_per_s": (total_steps - start) * batch_size / max(seconds, 1e-9)}, f)
+    return TrainResult(variables, accuracy, total_steps, seconds)
+
+
+def _variables(state: TrainState) -> dict:
+    out = {"params": state.params}
+    if state.batch_stats:
+        out["batch_stats"] = state.batch_stats
+    return out
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops metric lines logged after the checkpoint a run resumes from."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)

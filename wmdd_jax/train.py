@@ -208,27 +208,29 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not verbose or jax.process_index() != 0,
                dynamic_ncols=True, leave=False)
     running = []
-    with open(metrics_path, "a") as metrics_file:
-        for step in range(start, total_steps):
-            idx = batch_indices(n, batch_size, step, seed)
-            images, labels = source.get(idx)
-            state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars)
-            running.append(metrics)
-            done_steps = step + 1
-            if done_steps % log_every == 0 or done_steps == total_steps:
-                m = {k: float(np.mean([float(r[k]) for r in running])) for k in running[0]}
-                running = []
-                metrics_file.write(json.dumps({"step": done_steps, **m}) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 * m['accuracy']:.1f}")
-            bar.update(1)
-            if (done_steps % int(spec.checkpoint_every_steps) == 0
-                    or time.time() - last_save > float(spec.checkpoint_every_secs)
-                    or done_steps == total_steps):
-                ckpt.save(manager, done_steps, state)
-                last_save = time.time()
-    bar.close()
-    manager.wait_until_finished()
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for step in range(start, total_steps):
+                idx = batch_indices(n, batch_size, step, seed)
+                images, labels = source.get(idx)
+                state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars)
+                running.append(metrics)
+                done_steps = step + 1
+                if done_steps % log_every == 0 or done_steps == total_steps:
+                    m = {k: float(np.mean([float(r[k]) for r in running])) for k in running[0]}
+                    running = []
+                    metrics_file.write(json.dumps({"step": done_steps, **m}) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{100 * m['accuracy']:.1f}")
+                bar.update(1)
+                if (done_steps % int(spec.checkpoint_every_steps) == 0
+                        or time.time() - last_save > float(spec.checkpoint_every_secs)
+                        or done_steps == total_steps):
+                    ckpt.save(manager, done_steps, state)
+                    last_save = time.time()
+    finally:  # an interrupted run still finishes writing the checkpoint in flight
+        bar.close()
+        manager.wait_until_finished()
     seconds = time.time() - t0
     variables = _variables(state)
     ckpt.save_tree(final_path, variables)

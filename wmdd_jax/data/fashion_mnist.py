@@ -44,7 +44,8 @@ def _find(data_dir: str, stem: str) -> str | None:
 
 def load_fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
     """Loads the ``train`` or ``test`` split as uint8 [n, 28, 28, 1] images."""
-    dirs = [d for d in (data_dir, os.environ.get("WMDD_FASHION_MNIST_DIR", ""), DEBIAN_DIR) if d]
+    # An explicit folder is the only place looked at; else $WMDD_FASHION_MNIST_DIR, then Debian's.
+    dirs = [data_dir] if data_dir else [d for d in (os.environ.get("WMDD_FASHION_MNIST_DIR", ""), DEBIAN_DIR) if d]
     for d in dirs:
         paths = [_find(d, stem) for stem in _FILES[split]]
         if all(paths):

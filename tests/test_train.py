@@ -1,0 +1,108 @@
+"""The training loop: learning, soft labels, exact resume after an interruption, bad checkpoints."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_spec
+from wmdd_jax.data import load_split
+from wmdd_jax.errors import UserError
+from wmdd_jax.models import create_model
+from wmdd_jax.train import Teacher, init_variables, soft_label_loss, train
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FailingSource:
+    """Wraps a source and raises after ``limit`` batches: a run killed mid-way."""
+
+    def __init__(self, base, limit):
+        self.base, self.limit, self.calls = base, limit, 0
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def __len__(self):
+        return len(self.base)
+
+    def get(self, indices):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise Interrupted()
+        return self.base.get(indices)
+
+
+@pytest.fixture
+def splits(fmnist_dir):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(name="fashion_mnist", data_dir=fmnist_dir))
+    return load_split(cfg, "train"), load_split(cfg, "test")
+
+
+def test_resume_after_interruption_is_exact(tmp_path, splits):
+    train_source, test_source = splits
+    spec = tiny_spec(epochs=2, batch_size=64, checkpoint_every_steps=3, augment=dict(flip=True, shift=2))
+    model = create_model("convnet3", 10, norm="batch", width=8)
+    full = train(model, spec, train_source, str(tmp_path / "full"), seed=3, test_source=test_source,
+                 verbose=False)
+    with pytest.raises(Interrupted):
+        train(model, spec, FailingSource(train_source, 8), str(tmp_path / "cut"), seed=3, verbose=False)
+    assert not os.path.exists(tmp_path / "cut" / "result.json")
+    resumed = train(model, spec, train_source, str(tmp_path / "cut"), seed=3, test_source=test_source,
+                    verbose=False)
+    for a, b in zip(jax.tree.leaves(full.variables), jax.tree.leaves(resumed.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert resumed.test_accuracy == full.test_accuracy
+    # Metrics logged after the checkpoint were dropped on resume: one line per step.
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        steps = [int(line.split('"step": ')[1].split(",")[0]) for line in f]
+    assert steps == list(range(1, full.steps + 1))
+    # A finished run is loaded, not retrained.
+    again = train(model, spec, train_source, str(tmp_path / "full"), seed=3, verbose=False)
+    assert again.test_accuracy == full.test_accuracy
+
+
+def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
+    train_source, test_source = splits
+    model = create_model("convnet3", 10, norm="instance", width=8)
+    hard = train(model, tiny_spec(epochs=8, lr=0.05), train_source, str(tmp_path / "hard"), seed=0,
+                 test_source=test_source, verbose=False)
+    assert hard.test_accuracy > 30.0  # chance is 10%
+    teacher = Teacher(model, hard.variables)
+    soft = train(model, tiny_spec(epochs=4, optimizer="adamw", lr=3e-3, label_mode="soft", temperature=4.0),
+                 train_source, str(tmp_path / "soft"), seed=0, test_source=test_source, teacher=teacher,
+                 verbose=False)
+    assert soft.test_accuracy > 20.0
+
+
+def test_soft_label_loss_is_kl():
+    t = np.array([[2.0, 0.0, -1.0]])
+    np.testing.assert_allclose(soft_label_loss(t, t, 20.0), [0.0], atol=1e-7)
+    s = np.array([[0.0, 1.0, 0.0]])
+    p, q = np.exp(t / 2) / np.exp(t / 2).sum(), np.exp(s / 2) / np.exp(s / 2).sum()
+    np.testing.assert_allclose(soft_label_loss(s, t, 2.0), [np.sum(p * np.log(p / q))], rtol=1e-5)
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path, splits):
+    train_source, _ = splits
+    spec = tiny_spec(epochs=1, batch_size=200, checkpoint_every_steps=1)
+    model = create_model("convnet3", 10, norm="instance", width=4)
+    with pytest.raises(Interrupted):
+        train(model, spec, FailingSource(train_source, 1), str(tmp_path), seed=0, verbose=False)
+    ckpt_dir = tmp_path / "checkpoints"
+    for root, _, files in os.walk(ckpt_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(UserError, match="delete that folder"):
+        train(model, spec, train_source, str(tmp_path), seed=0, verbose=False)
+
+
+def test_init_variables_has_no_sown_state():
+    variables = init_variables(create_model("convnet3", 10, norm="batch", width=4), jax.random.key(0), (8, 8, 1))
+    assert set(variables) == {"params", "batch_stats"}

@@ -44,3 +44,15 @@ def read_jsonl(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+KEY_FIELDS = ("dataset", "method", "model", "ipc", "label_mode", "metric")
+
+
+def upsert_jsonl(path: str, row: dict, keys: tuple[str, ...] = KEY_FIELDS) -> None:
+    """Writes ``row`` into ``path``, replacing an earlier row with the same key fields."""
+    rows = [r for r in read_jsonl(path) if any(r.get(k) != row.get(k) for k in keys)]
+    rows.append(row)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,0 +1,64 @@
+"""Issue 2's measurements on Fashion-MNIST: the teacher and the random-real evaluation baselines.
+
+Runs, through the command line, resumably (rerun the same command after an interruption):
+  1. pretrain the ConvNet-3 (batch norm) teacher on the full train split;
+  2. evaluate random real subsets, IPC 1, 10, 50, hard and soft labels, 3 seeds each.
+Each finished cell is written at once to experiments/results/fashion_mnist.jsonl.
+
+    python experiments/fashion_mnist_baselines.py --workdir ~/wmdd-runs/fmnist [--ipcs 1 10 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from wmdd_jax import results  # noqa: E402
+
+OUT = os.path.join(ROOT, "experiments", "results", "fashion_mnist.jsonl")
+CONFIG = "configs/fashion_mnist.py"
+
+
+def run(stage: str, workdir: str, *overrides: str) -> str:
+    cmd = [sys.executable, "-m", "wmdd_jax", stage, f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return " ".join(["python", "-m", "wmdd_jax", stage, f"--config={CONFIG}", "--workdir=WORKDIR",
+                     *[f'"{o}"' if "(" in o else o for o in overrides]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--label-modes", nargs="+", default=["hard", "soft"])
+    parser.add_argument("--seeds", default="(0,1,2)")
+    args = parser.parse_args()
+
+    command = run("pretrain", args.workdir)
+    with open(os.path.join(args.workdir, "teacher", "result.json")) as f:
+        teacher = json.load(f)
+    results.upsert_jsonl(OUT, results.summary_row(
+        dataset="fashion_mnist", method="teacher", model="convnet3_bn", ipc=None, label_mode="hard",
+        values=[teacher["test_accuracy"]], command=command, train_minutes=round(teacher["seconds"] / 60, 1),
+        train_images_per_s=round(teacher["images_per_s"], 1), machine="2-core CPU"))
+
+    for ipc in args.ipcs:
+        for mode in args.label_modes:
+            command = run("evaluate", args.workdir, "--config.eval.source=random_real", f"--config.ipc={ipc}",
+                          f"--config.eval.label_modes=('{mode}',)", f"--config.eval.seeds={args.seeds}")
+            rows = [r for r in results.read_jsonl(os.path.join(args.workdir, "eval", "summary.jsonl"))
+                    if r["method"] == "random_real" and r["ipc"] == ipc and r["label_mode"] == mode]
+            row = dict(rows[-1], command=command)
+            results.upsert_jsonl(OUT, row)
+            print(f"random_real ipc={ipc} {mode}: {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

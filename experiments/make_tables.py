@@ -1,0 +1,59 @@
+"""Regenerates README.md's results tables from experiments/results/*.jsonl (never typed by hand).
+
+    python experiments/make_tables.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("metric") == "test_accuracy"]
+    rows.sort(key=lambda r: (r["dataset"], r["method"] != "teacher", r["method"], r["model"],
+                             r.get("label_mode") or "", r.get("ipc") or 0))
+    lines = ["| dataset | method | model | labels | IPC | test accuracy % | seeds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ipc = "full" if r.get("ipc") is None else r["ipc"]
+        acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
+                     f"{acc} | {r['n_seeds']} |")
+    return "\n".join(lines)
+
+
+def throughput_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if "images_per_s" in r]
+    if not rows:
+        return ""
+    lines = ["| benchmark | implementation | norm | batch | images/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.get('benchmark', '')} | {r.get('impl', '')} | {r.get('norm', '')} | {r.get('batch', '')} "
+                     f"| {r['images_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    acc, speed = [], []
+    for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "results", "*.jsonl"))):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        acc += [r for r in rows if r.get("metric") == "test_accuracy"]
+        speed += [r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]
+    body = "\n\n".join(t for t in (accuracy_table(acc), throughput_table(speed)) if t)
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    block = f"{BEGIN}\n{body}\n{END}"
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    with open(readme, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,12 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.label_modes = ("hard",)  # any of hard, soft
     config.eval.seeds = (0, 1, 2)
     config.eval.split = "test"           # test | validation (for tuning)
+    config.eval.relabel_seed = 0         # batch order + augmentation of stored soft labels
     # DC/DM protocol: SGD 0.01, lr/10 at half, wd 5e-4, batch 256, no augmentation.
     config.eval.hard = train_spec(epochs=300)
     # SRe2L/WMDD protocol: AdamW 1e-3, wd 0.01, cosine, batch 100, KD T=20, crop + flip.
     config.eval.soft = train_spec(optimizer="adamw", lr=1e-3, weight_decay=0.01, schedule="cosine", epochs=300,
                                   batch_size=100, label_mode="soft", temperature=20.0,
                                   augment=dict(flip=True, crop_scale=(0.08, 1.0)))
+    config.eval.soft.relabel = "online"  # online: teacher in the loop | stored: labels from the relabel stage
 
     # Synthesis (WMDD recover stage; ../shared/DESIGN.md "Stage 4"), used from the distillation stages on.
     config.synthesis = ml_collections.ConfigDict(dict(
@@ -86,9 +88,15 @@ def get_config() -> ml_collections.ConfigDict:
         crop_scale=(0.08, 1.0),
         jitter=32,                       # max random roll in px at 224 px; scaled to data.image_size
         flip=True,
+        batch_size=100,                  # the official batch: the loss is summed over groups of this many
+        method="",                       # name in results; '' = derived (wmdd, no_barycenter, ..._global_bn)
+        checkpoint_every_steps=200,
+        checkpoint_every_secs=180.0,
+        log_every_steps=20,
     ))
     config.barycenter = ml_collections.ConfigDict(dict(
         learn_weights=False,             # True: weighted (k-means) barycenter; False: uniform weights
         max_features_per_class=0,        # 0 = all; else a random budget per class
+        num_iterations=100,              # uniform weights: outer fixed-point steps (epsilon annealed)
     ))
     return config

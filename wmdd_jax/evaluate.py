@@ -18,6 +18,7 @@ import numpy as np
 from wmdd_jax import results
 from wmdd_jax.data import ArraySource, Source, load_split, random_subset
 from wmdd_jax.errors import UserError
+from wmdd_jax.relabel import load_soft_labels
 from wmdd_jax.teacher import load_teacher, model_from_spec
 from wmdd_jax.train import train
 
@@ -47,14 +48,18 @@ def evaluate(config, workdir: str) -> list[dict]:
     for mode in config.eval.label_modes:
         if mode not in ("hard", "soft"):
             raise UserError(f"eval.label_modes takes hard and soft, got {mode!r}")
-    teacher = load_teacher(config, workdir) if "soft" in config.eval.label_modes else None
-
+    stored = "soft" in config.eval.label_modes and config.eval.soft.get("relabel", "online") == "stored"
     if source_name == "random_real":
-        method, fixed = "random_real", None
+        method, fixed, path = "random_real", None, None
+        stored = False  # a fresh draw per seed: its labels come from the teacher online
     else:
         path = os.path.join(workdir, "synthetic") if source_name == "synthetic" else source_name
         fixed = load_image_set(path, train_source)
         method = fixed[2]
+    online = "soft" in config.eval.label_modes and not stored
+    teacher = load_teacher(config, workdir) if online else None
+    soft_labels, data_seed = (load_soft_labels(path, config.eval.soft, len(fixed[0])) if stored
+                              else (None, None))
 
     rows = []
     out_root = os.path.join(workdir, "eval", method)
@@ -75,14 +80,19 @@ def evaluate(config, workdir: str) -> list[dict]:
                 with student_spec.unlocked():
                     student_spec.model = model_name
                 model = model_from_spec(student_spec, train_source.num_classes, config.conv_impl)
-                run_dir = os.path.join(out_root, f"ipc{config.ipc}", f"{model_name}_{mode}", f"seed{seed}")
+                use_stored = mode == "soft" and soft_labels is not None
+                run_name = f"{model_name}_{mode}" + ("_stored" if use_stored else "")
+                run_dir = os.path.join(out_root, f"ipc{config.ipc}", run_name, f"seed{seed}")
                 result = train(model, student_spec, data, run_dir, seed=seed, test_source=test_source,
-                               teacher=teacher, weights=weights, desc=f"{model_name} {mode} seed {seed}")
+                               teacher=teacher, weights=weights, desc=f"{model_name} {mode} seed {seed}",
+                               stored_targets=soft_labels if use_stored else None,
+                               data_seed=data_seed if use_stored else None)
                 accuracies.append(result.test_accuracy)
                 print(f"{method} ipc={config.ipc} {model_name} {mode} seed={seed}: {result.test_accuracy:.2f}%")
+            extra = {"soft_labels": "stored" if soft_labels is not None else "online"} if mode == "soft" else {}
             row = results.summary_row(dataset=config.data.name, method=method, model=model_name, ipc=config.ipc,
                                       label_mode=mode, values=accuracies, epochs=spec.epochs,
-                                      split=config.eval.split)
+                                      split=config.eval.split, **extra)
             results.append_jsonl(os.path.join(workdir, "eval", "summary.jsonl"), row)
             print(f"{method} ipc={config.ipc} {model_name} {mode}: {row['mean']:.2f} ± {row['std']:.2f} "
                   f"({row['n_seeds']} seeds)")

@@ -99,15 +99,37 @@ def apply_model(model: nn.Module, variables: dict, images: jax.Array, train: boo
     return model.apply(variables, images, train=train), variables.get("batch_stats", {})
 
 
+def augmented_input(spec, images, mean, std, rng, step) -> jax.Array:
+    """The normalised, augmented batch that step ``step`` trains on (shared with `relabel`)."""
+    a = spec.augment
+    x = normalize(images, mean, std)
+    return augment_batch(jax.random.fold_in(rng, step), x, flip=bool(a.flip), crop_scale=a.crop_scale,
+                         shift=int(a.shift))
+
+
+def batch_plan(num_examples: int, spec) -> tuple[int, int]:
+    """(batch size, total steps) of a run of ``spec`` over ``num_examples`` images."""
+    batch_size = min(int(spec.batch_size), num_examples)
+    return batch_size, int(spec.epochs) * math.ceil(num_examples / batch_size)
+
+
+def data_key(data_seed: int) -> jax.Array:
+    """The key of a run's augmentation stream; with `batch_indices` it fixes what each step sees."""
+    return jax.random.fold_in(jax.random.key(data_seed), 1)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, spec, mean, std,
                     teacher: Teacher | None) -> Callable:
-    aug = dict(flip=bool(spec.augment.flip), crop_scale=spec.augment.crop_scale, shift=int(spec.augment.shift))
     soft = spec.label_mode == "soft"
 
-    def step(state: TrainState, images, labels, weights, rng, teacher_vars):
-        x = normalize(images, mean, std)
-        x = augment_batch(jax.random.fold_in(rng, state.step), x, **aug)
-        target = teacher.model.apply(teacher_vars, x, train=False) if soft else None
+    def step(state: TrainState, images, labels, weights, rng, teacher_vars, stored):
+        x = augmented_input(spec, images, mean, std, rng, state.step)
+        if not soft:
+            target = None
+        elif stored is not None:  # soft labels stored by `relabel` for exactly this batch
+            target = stored.astype(jnp.float32)
+        else:
+            target = teacher.model.apply(teacher_vars, x, train=False)
         w = weights / jnp.mean(weights)
 
         def loss_fn(params):
@@ -161,7 +183,8 @@ def evaluate_accuracy(model: nn.Module, variables: dict, source: Source, batch_s
 
 def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
           test_source: Source | None = None, teacher: Teacher | None = None,
-          weights: np.ndarray | None = None, desc: str = "train", verbose: bool = True) -> TrainResult:
+          weights: np.ndarray | None = None, stored_targets: np.ndarray | None = None,
+          data_seed: int | None = None, desc: str = "train", verbose: bool = True) -> TrainResult:
     """Trains ``model`` from scratch (or resumes in ``workdir``) and tests it.
 
     Args:
@@ -171,17 +194,21 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
       source: the training images; ``weights`` ([len(source)]) weights each image's loss.
       workdir: checkpoints, ``metrics.jsonl`` and ``result.json`` go here. A finished run
         (``result.json`` present) is loaded, not retrained.
+      seed: initialisation; ``data_seed`` (default ``seed``): batch order and augmentation.
+      stored_targets: soft labels from `wmdd_jax.relabel` ([total_steps, batch, classes]), made
+        with the same ``data_seed``; they replace the online teacher.
     """
     os.makedirs(workdir, exist_ok=True)
     result_path = os.path.join(workdir, "result.json")
     n = len(source)
-    batch_size = min(int(spec.batch_size), n)
-    total_steps = int(spec.epochs) * math.ceil(n / batch_size)
-    if spec.label_mode == "soft" and teacher is None:
-        raise ValueError("label_mode 'soft' needs a teacher")
-
-    rng = jax.random.key(seed)
-    init_rng, step_rng = jax.random.split(rng)
+    batch_size, total_steps = batch_plan(n, spec)
+    if spec.label_mode == "soft" and teacher is None and stored_targets is None:
+        raise ValueError("label_mode 'soft' needs a teacher or stored soft labels")
+    if stored_targets is not None and stored_targets.shape[:2] != (total_steps, batch_size):
+        raise ValueError(f"stored soft labels are for {stored_targets.shape[:2]} (steps, batch), "
+                         f"this run is {(total_steps, batch_size)}")
+    data_seed = seed if data_seed is None else data_seed
+    init_rng, step_rng = jax.random.key(seed), data_key(data_seed)
     variables = init_variables(model, init_rng, source.image_shape)
     tx = make_optimizer(spec, total_steps)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
@@ -211,9 +238,10 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     try:
         with open(metrics_path, "a") as metrics_file:
             for step in range(start, total_steps):
-                idx = batch_indices(n, batch_size, step, seed)
+                idx = batch_indices(n, batch_size, step, data_seed)
                 images, labels = source.get(idx)
-                state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars)
+                stored = stored_targets[step] if stored_targets is not None else None
+                state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars, stored)
                 running.append(metrics)
                 done_steps = step + 1
                 if done_steps % log_every == 0 or done_steps == total_steps:

@@ -233,7 +233,8 @@ def init_images(config, source: Source, stats: ClassStatistics, support: np.ndar
 def _augment(rng, x, cfg, image_size: int):
     """Per-image random-resized crop, flip and roll (jitter scaled from 224 px to ``image_size``)."""
     k1, k2 = jax.random.split(rng)
-    x = augment.augment_batch(k1, x, flip=bool(cfg.flip), crop_scale=tuple(cfg.crop_scale))
+    crop = tuple(cfg.crop_scale) if cfg.crop_scale is not None else None
+    x = augment.augment_batch(k1, x, flip=bool(cfg.flip), crop_scale=crop)
     jitter = int(round(cfg.jitter * image_size / 224))
     if jitter:
         shifts = jax.random.randint(k2, (x.shape[0], 2), 0, jitter + 1)

@@ -23,18 +23,9 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override f
 def _stages():
     from wmdd_jax import distill
     from wmdd_jax.evaluate import evaluate
+    from wmdd_jax.pipeline import run_all
     from wmdd_jax.relabel import relabel
     from wmdd_jax.teacher import pretrain
-
-    def run_all(config, workdir):
-        """Every stage in order; each skips itself when its outputs exist."""
-        pretrain(config, workdir)
-        distill.statistics(config, workdir)
-        distill.barycenter(config, workdir)
-        distill.recover(config, workdir)
-        if "soft" in config.eval.label_modes and config.eval.soft.relabel == "stored":
-            relabel(config, workdir)
-        evaluate(config, workdir)
 
     return {"pretrain": pretrain, "statistics": distill.statistics, "barycenter": distill.barycenter,
             "recover": distill.recover, "relabel": relabel, "evaluate": evaluate, "all": run_all}

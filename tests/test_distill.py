@@ -1,0 +1,151 @@
+"""Distillation: exact class statistics, the synthesis objective, resume, stored soft labels, the chain."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from wmdd_jax import distill, relabel
+from wmdd_jax.data import load_split, normalize
+from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
+from wmdd_jax.teacher import load_teacher, pretrain
+from wmdd_jax.train import Teacher, augmented_input, batch_indices, batch_plan, data_key, init_variables
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A tiny teacher, its statistics and barycenters, shared by the tests of this file."""
+    workdir = str(tmp_path_factory.mktemp("distill"))
+    config = tiny_config()
+    config.synthesis.iterations = 6
+    config.synthesis.checkpoint_every_steps = 2
+    pretrain(config, workdir)
+    distill.statistics(config, workdir)
+    distill.barycenter(config, workdir)
+    return config, workdir
+
+
+def test_class_statistics_are_exact(distilled):
+    config, workdir = distilled
+    teacher = load_teacher(config, workdir)
+    source = load_split(config.data, "train")
+    stats = distill.load_statistics(os.path.join(workdir, distill.STATS_DIR), source.num_classes)
+    for k in (0, 7):
+        images, _ = source.get(source.class_indices(k))
+        x = normalize(images, source.mean, source.std)
+        (_, feats), state = teacher.model.apply(teacher.variables, x, train=False, return_features=True,
+                                                mutable=[BN_STATS])
+        np.testing.assert_allclose(stats.features[k], feats, rtol=1e-4, atol=1e-5)
+        for layer, (m, v) in collect_bn_moments(state).items():
+            mean, var = pooled_moments(m, v)
+            np.testing.assert_allclose(stats.bn_mean[layer][k], mean, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(stats.bn_var[layer][k], var, rtol=1e-4, atol=1e-5)
+
+
+def test_barycenter_targets(distilled):
+    config, workdir = distilled
+    with np.load(os.path.join(workdir, distill.BARYCENTER_FILE)) as z:
+        support, weights = z["support"], z["weights"]
+    assert support.shape[:2] == (10, config.ipc) and np.all(np.isfinite(support))
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
+
+
+def test_loss_is_the_sum_of_official_batches():
+    """All classes at once = the official loss summed over batches of `batch_size` images (whole classes)."""
+    model = create_model("convnet3", 4, norm="batch", width=4)
+    teacher = Teacher(model, init_variables(model, jax.random.key(0), (8, 8, 1)))
+    cfg = tiny_config().synthesis
+    cfg.batch_size, cfg.crop_scale, cfg.flip, cfg.jitter = 4, None, False, 0  # no random draws
+    C, m = 4, 2
+    images = jax.random.normal(jax.random.key(1), (C, m, 8, 8, 1))
+    support = jax.random.normal(jax.random.key(2), (C, m, 4))  # width 4, 1x1 map after 3 pools
+    layers = ("norm0", "norm1", "norm2")
+    stat = lambda k: {l: jax.random.uniform(jax.random.fold_in(k, i), (C, 4)) for i, l in enumerate(layers)}  # noqa
+    targets = distill.Targets(support, stat(jax.random.key(3)), stat(jax.random.key(4)))
+    full, parts = distill.synthesis_loss(images, jax.random.key(5), teacher, targets, cfg, 8)
+    halves = []
+    for g in range(2):  # batch_size 4 = 2 classes of m = 2 images
+        sl = slice(2 * g, 2 * g + 2)
+        t = distill.Targets(support[sl], {k: v[sl] for k, v in targets.bn_mean.items()},
+                            {k: v[sl] for k, v in targets.bn_var.items()})
+        halves.append(distill.synthesis_loss(images[sl], jax.random.key(5), teacher, t, cfg, 8)[0])
+    np.testing.assert_allclose(full, sum(halves), rtol=1e-4)  # float32 sums of different batch shapes
+    assert all(float(v) > 0 for v in parts.values())
+
+
+class Stop(Exception):
+    pass
+
+
+def test_recover_resumes_exactly(distilled, tmp_path, monkeypatch):
+    config, workdir = distilled
+    for name in ("full", "cut"):
+        dst = tmp_path / name
+        shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns("synthetic", "eval"))
+    full = distill.recover(config, str(tmp_path / "full"))
+
+    make = distill.make_synthesis_step
+
+    def failing(*args, **kwargs):
+        step, calls = make(*args, **kwargs), []
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) > 3:
+                raise Stop()
+            return step(*a)
+        return wrapped
+
+    monkeypatch.setattr(distill, "make_synthesis_step", failing)
+    with pytest.raises(Stop):
+        distill.recover(config, str(tmp_path / "cut"))
+    monkeypatch.setattr(distill, "make_synthesis_step", make)
+    resumed = distill.recover(config, str(tmp_path / "cut"))
+    np.testing.assert_allclose(resumed, full, atol=1e-6)
+    assert os.path.exists(tmp_path / "cut" / "synthetic" / "grid.png")
+
+
+def test_stored_soft_labels_are_the_online_teacher(distilled):
+    config, workdir = distilled
+    teacher = load_teacher(config, workdir)
+    source = load_split(config.data, "train")
+    images, _ = source.get(np.arange(0, 400, 20))
+    spec = config.eval.soft
+    logits = relabel.store_soft_labels(teacher, spec, images, source.mean, source.std, data_seed=4, verbose=False)
+    batch_size, steps = batch_plan(len(images), spec)
+    assert logits.shape == (steps, batch_size, 10) and logits.dtype == np.float16
+    for step in (0, steps - 1):
+        idx = batch_indices(len(images), batch_size, step, 4)
+        x = augmented_input(spec, images[idx], np.float32(source.mean), np.float32(source.std), data_key(4), step)
+        online = teacher.model.apply(teacher.variables, x, train=False)
+        np.testing.assert_allclose(logits[step], online, rtol=2e-3, atol=2e-3)
+
+
+def test_all_stages_from_the_command_line(tmp_path):
+    """The whole chain on the test subset: every output file, and students above chance."""
+    from tests.test_cli import TINY, cli
+
+    overrides = [*TINY, "--config.synthesis.iterations=5", "--config.eval.hard.epochs=40",
+                 "--config.eval.soft.epochs=10", "--config.eval.label_modes=('hard','soft')",
+                 "--config.eval.soft.relabel=stored", "--config.teacher.epochs=4"]
+    out = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for path in ("teacher/result.json", "statistics/class_00009.npz", "barycenter.npz", "synthetic/images.npz",
+                 "synthetic/grid.png", "synthetic/soft_labels.npz", "eval/summary.jsonl"):
+        assert os.path.exists(tmp_path / path), path
+    with np.load(tmp_path / "synthetic" / "images.npz") as z:
+        assert z["images"].shape == (20, 28, 28, 1) and str(z["method"]) == "wmdd"
+        assert 0 <= z["images"].min() and z["images"].max() <= 1
+    with open(tmp_path / "eval" / "summary.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["method"], r["label_mode"]) for r in rows] == [("wmdd", "hard"), ("wmdd", "soft")]
+    assert rows[1]["soft_labels"] == "stored"
+    assert rows[0]["mean"] > 15.0  # chance is 10%
+    # Rerun: every stage finds its outputs and skips.
+    again = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
+    assert again.returncode == 0 and "recover:" not in again.stdout

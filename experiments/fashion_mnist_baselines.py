@@ -49,8 +49,8 @@ def main() -> None:
         values=[teacher["test_accuracy"]], command=command, train_minutes=round(teacher["seconds"] / 60, 1),
         train_images_per_s=round(teacher["images_per_s"], 1), machine="2-core CPU"))
 
-    for ipc in args.ipcs:
-        for mode in args.label_modes:
+    for mode in args.label_modes:  # all hard-label cells first: they need no teacher
+        for ipc in args.ipcs:
             command = run("evaluate", args.workdir, "--config.eval.source=random_real", f"--config.ipc={ipc}",
                           f"--config.eval.label_modes=('{mode}',)", f"--config.eval.seeds={args.seeds}")
             rows = [r for r in results.read_jsonl(os.path.join(args.workdir, "eval", "summary.jsonl"))

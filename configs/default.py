@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.ipc = 10                      # synthetic images per class
-    config.conv_impl = "auto"            # auto (im2col on CPU, lax.conv on GPU/TPU) | im2col | lax
+    config.conv_impl = "auto"            # auto (winograd on CPU, lax.conv on GPU/TPU) | winograd | im2col | lax
 
     config.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist",

@@ -82,12 +82,14 @@ def test_batchnorm_running_statistics_follow_pytorch():
     ("resnet18", dict(stem="imagenet"), (32, 32, 3)),
 ])
 def test_conv_implementations_agree(name, kwargs, shape):
-    """The CPU im2col convolution and lax.conv compute the same model (same parameters)."""
-    fast = create_model(name, 10, conv_impl="im2col", **kwargs)
+    """The CPU convolutions (im2col, Winograd) and lax.conv compute the same model (same parameters)."""
     ref = create_model(name, 10, conv_impl="lax", **kwargs)
     variables = init_variables(ref, jax.random.key(0), shape)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
-    np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), rtol=1e-4, atol=1e-4)
+    expected = ref.apply(variables, x)
+    for impl in ("im2col", "winograd"):
+        fast = create_model(name, 10, conv_impl=impl, **kwargs)
+        np.testing.assert_allclose(fast.apply(variables, x), expected, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 def test_unknown_model_and_norm_are_errors():

@@ -7,6 +7,7 @@ implementation runs it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,14 +24,31 @@ def resolve_conv_impl(impl: str) -> str:
     """Maps ``"auto"`` to the fast convolution for the default backend.
 
     XLA's CPU convolution runs at about half PyTorch's speed on small images,
-    while one big matrix product over im2col patches reaches the CPU's matmul
-    peak; on GPU and TPU ``lax.conv`` is the fast path.
+    while batched matrix products reach the CPU's matmul peak: ``"winograd"``
+    (3x3 stride-1 kernels, 2.25x fewer multiplies than im2col; other kernels
+    fall back to im2col) is the CPU default. On GPU and TPU ``lax.conv`` is the
+    fast path.
     """
     if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("im2col", "lax"):
-        raise ValueError(f"conv_impl must be 'auto', 'im2col' or 'lax', got {impl!r}")
+        return "winograd" if jax.default_backend() == "cpu" else "lax"
+    if impl not in ("winograd", "im2col", "lax"):
+        raise ValueError(
+            f"conv_impl must be 'auto', 'winograd', 'im2col' or 'lax', got {impl!r}")
     return impl
+
+
+def _patches(x: Array, kh: int, kw: int, stride: int, padding: int) -> Array:
+    """[n, h, w, c] -> [n, h_out, w_out, kh * kw * c], channel order (i, j, c)."""
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    h_out = (x.shape[1] - kh) // stride + 1
+    w_out = (x.shape[2] - kw) // stride + 1
+    cols = [
+        x[:, i : i + (h_out - 1) * stride + 1 : stride, j : j + (w_out - 1) * stride + 1 : stride, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
 def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
@@ -44,18 +62,121 @@ def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
       ``lax.conv_general_dilated`` with symmetric ``padding`` and ``stride``.
     """
     kh, kw, cin, cout = kernel.shape
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    h_out = (x.shape[1] - kh) // stride + 1
-    w_out = (x.shape[2] - kw) // stride + 1
-    cols = [
-        x[:, i : i + (h_out - 1) * stride + 1 : stride, j : j + (w_out - 1) * stride + 1 : stride, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    # Channel order (i, j, c_in) matches kernel.reshape(kh * kw * c_in, c_out).
-    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+    return jnp.dot(_patches(x, kh, kw, stride, padding), kernel.reshape(kh * kw * cin, cout))
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 output tile of a 3x3
+# correlation is A^T [(G k G^T) * (B^T d B)] A for the 4x4 input tile d, so the
+# 36 multiplies per tile and channel pair become 16, done as 16 matmuls
+# [tiles, c_in] @ [c_in, c_out]. The transforms only add and halve, so the
+# result matches direct convolution to float32 rounding (~1e-6 relative).
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _bt_rows(r):
+    """B^T applied along a list of 4 slices: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
+    return [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
+
+
+def _winograd_input(xp: Array, th: int, tw: int) -> Array:
+    """Padded [n, 2th+2, 2tw+2, c] -> [16, n*th*tw, c], B^T d B of every 4x4 tile."""
+    n, c = xp.shape[0], xp.shape[-1]
+    # Rows first, materialised as one [4, ...] array: XLA emits two simple
+    # fusions, much faster than one fusion with 16 outputs of 4 strided reads each.
+    rows = jnp.stack(_bt_rows([xp[:, i : i + 2 * th : 2] for i in range(4)]))
+    v = jnp.stack(_bt_rows([rows[:, :, :, j : j + 2 * tw : 2] for j in range(4)]), axis=1)
+    return v.reshape(16, n * th * tw, c)
+
+
+def _winograd_output(m: Array, n: int, th: int, tw: int) -> Array:
+    """[16, n*th*tw, c] -> [n, 2th, 2tw, c], A^T m A of every tile."""
+    c = m.shape[-1]
+    m = m.reshape(4, 4, n, th, tw, c)
+    rows = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+    y = jnp.stack([jnp.stack([t[0] + t[1] + t[2], t[1] - t[2] - t[3]]) for t in rows])
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, c)
+
+
+def _winograd_output_transpose(g: Array, th: int, tw: int) -> Array:
+    """Adjoint of `_winograd_output`: [n, 2th, 2tw, c] -> [16, n*th*tw, c]."""
+    n, c = g.shape[0], g.shape[-1]
+    q = [[g[:, i::2, j::2] for j in range(2)] for i in range(2)]
+    # Columns of A^T: (1, 0), (1, 1), (1, -1), (0, -1).
+    at = lambda a, b: [a, a + b, a - b, -b]  # noqa: E731
+    rows = [at(q[0][j], q[1][j]) for j in range(2)]  # rows[j][r]
+    out = [v for r in range(4) for v in at(rows[0][r], rows[1][r])]
+    return jnp.stack(out).reshape(16, n * th * tw, c)
+
+
+def _winograd_kernel(kernel: Array) -> Array:
+    """[3, 3, c_in, c_out] -> [16, c_in, c_out], G k G^T."""
+    g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+    return jnp.einsum("ai,bj,ijcd->abcd", g, g, kernel).reshape(16, *kernel.shape[2:])
+
+
+def _winograd_geometry(h: int, w: int, padding: int):
+    h_out, w_out = h + 2 * padding - 2, w + 2 * padding - 2
+    return h_out, w_out, -(-h_out // 2), -(-w_out // 2)
+
+
+def _winograd_tiles(x: Array, padding: int) -> Array:
+    n, h, w, c = x.shape
+    _, _, th, tw = _winograd_geometry(h, w, padding)
+    # Bottom/right padding completes the last tile (lax.pad accepts negative amounts).
+    cfg = ((0, 0, 0), (padding, 2 * th + 2 - h - padding, 0), (padding, 2 * tw + 2 - w - padding, 0), (0, 0, 0))
+    return _winograd_input(jax.lax.pad(x, jnp.zeros((), x.dtype), cfg), th, tw)
+
+
+def _winograd_apply(x: Array, u: Array, padding: int) -> tuple[Array, Array]:
+    n, h, w, _ = x.shape
+    h_out, w_out, th, tw = _winograd_geometry(h, w, padding)
+    v = _winograd_tiles(x, padding)
+    m = jnp.einsum("tnc,tcd->tnd", v, u)
+    return _winograd_output(m, n, th, tw)[:, :h_out, :w_out], v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv(x: Array, kernel: Array, padding: int = 1) -> Array:
+    """3x3 stride-1 convolution by Winograd F(2x2, 3x3).
+
+    Args:
+      x: [n, h, w, c_in] input.
+      kernel: [3, 3, c_in, c_out].
+      padding: symmetric zero padding, 0, 1 or 2.
+    Returns:
+      [n, h + 2 padding - 2, w + 2 padding - 2, c_out], equal to
+      ``lax.conv_general_dilated`` up to float32 rounding.
+    """
+    return _winograd_apply(x, _winograd_kernel(kernel), padding)[0]
+
+
+def _winograd_conv_fwd(x, kernel, padding):
+    y, v = _winograd_apply(x, _winograd_kernel(kernel), padding)
+    return y, (v, kernel)
+
+
+def _winograd_conv_bwd(padding, res, g):
+    v, kernel = res
+    n, h_out, w_out, _ = g.shape
+    th, tw = -(-h_out // 2), -(-w_out // 2)
+    # Kernel gradient in the Winograd domain: reuses the saved input tiles.
+    gp = jnp.pad(g, ((0, 0), (0, 2 * th - h_out), (0, 2 * tw - w_out), (0, 0)))
+    du = jnp.einsum("tnc,tnd->tcd", v, _winograd_output_transpose(gp, th, tw))
+    gt = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+    dkernel = jnp.einsum("ai,bj,abcd->ijcd", gt, gt, du.reshape(4, 4, *du.shape[1:]))
+    # Input gradient: the full correlation of g with the flipped, transposed
+    # kernel, itself a 3x3 stride-1 convolution (no scatter of 9 slices).
+    kflip = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _winograd_apply(g, _winograd_kernel(kflip), 2 - padding)[0]
+    return dx, dkernel
+
+
+winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
+
+
+def _use_winograd(kernel_size: int, stride: int, padding: int, cin: int) -> bool:
+    # With one or two input channels the 16 matmuls are too thin to pay for the transforms.
+    return kernel_size == 3 and stride == 1 and padding in (0, 1, 2) and cin >= 8
 
 
 class Conv(nn.Module):
@@ -74,7 +195,10 @@ class Conv(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         kernel = kernel.astype(x.dtype)
-        if resolve_conv_impl(self.conv_impl) == "im2col":
+        impl = resolve_conv_impl(self.conv_impl)
+        if impl == "winograd" and _use_winograd(k, self.stride, self.padding, x.shape[-1]):
+            y = winograd_conv(x, kernel, self.padding)
+        elif impl in ("winograd", "im2col"):
             y = im2col_conv(x, kernel, self.stride, self.padding)
         else:
             y = jax.lax.conv_general_dilated(
@@ -87,6 +211,50 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x: Array, scale: Array, bias: Array, axes: tuple[int, ...], epsilon: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over ``axes``; also returns (mean, var).
+
+    The hand-written backward needs two reductions (sum g, sum g * x) and one
+    elementwise pass, where autodiff materialises several full-size temporaries.
+    Measured faster for batch norm; for instance norm XLA fuses the autodiff
+    backward with its neighbours better, so `InstanceNorm` does not use it.
+    """
+    return _normalize_fwd(x, scale, bias, axes, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, axes, epsilon):
+    mean = x.mean(axis=axes, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _normalize_bwd(axes, epsilon, res, cotangents):
+    x, mean, rstd, scale = res
+    g, dmean, dvar = cotangents
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    param_axes = tuple(range(x.ndim - 1))
+    sg = g.sum(axis=axes, keepdims=True)
+    sgx = (g * x).sum(axis=axes, keepdims=True)
+    sgxhat = rstd * (sgx - mean * sg)  # sum of g * xhat
+    dbias = sg.sum(axis=param_axes)
+    dscale = sgxhat.sum(axis=param_axes)
+    a = rstd * scale
+    # dx = a (g - mean(g) - xhat mean(g xhat)) + dmean / N + dvar 2 (x - mean) / N,
+    # expanded in x so that one elementwise pass writes it.
+    c1 = a * rstd * sgxhat / count - 2.0 * dvar / count
+    c0 = -a * sg / count + dmean / count + c1 * mean
+    dx = a * g - c1 * x + c0
+    return dx, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class InstanceNorm(nn.Module):
@@ -143,16 +311,16 @@ class BatchNorm(nn.Module):
 
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-        else:
-            mean = x.mean(axis=reduce_axes)
-            var = jnp.square(x - mean).mean(axis=reduce_axes)
-            if not self.is_initializing():
-                n = x.size // c
-                unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return y * scale + bias
+            y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+            return y * scale + bias
+        y, mean, var = _normalize(x, scale, bias, reduce_axes, self.epsilon)
+        if not self.is_initializing():
+            mean, var = mean.reshape(c), var.reshape(c)
+            n = x.size // c
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+            ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        return y
 
 
 def make_norm(kind: str, train: bool, name: str) -> nn.Module | None:

@@ -1,0 +1,168 @@
+"""The layers against slow exact references: lax.conv, textbook normalisation, reshape pooling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wmdd_jax.models import layers
+
+RTOL = 1e-4  # relative to the largest magnitude of the reference
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    np.testing.assert_allclose(actual / scale, expected / scale, atol=rtol)
+
+
+def lax_conv(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def value_and_grads(f, x, kernel):
+    """Output and the gradients of <output, fixed random cotangent> w.r.t. x and kernel."""
+    y, vjp = jax.vjp(f, x, kernel)
+    g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+    return (y,) + vjp(g)
+
+
+CONV_CASES = [
+    # (input shape, kernel size, stride, padding)
+    ((2, 8, 8, 3), 3, 1, 1),
+    ((2, 9, 7, 4), 3, 2, 1),
+    ((1, 10, 10, 2), 5, 1, 2),
+    ((2, 7, 7, 3), 1, 1, 0),
+    ((1, 12, 11, 3), 7, 2, 3),
+    ((2, 6, 6, 5), 3, 1, 0),
+]
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
+def test_im2col_conv_matches_lax_conv(shape, k, stride, padding):
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (k, k, shape[-1], 6))
+    got = value_and_grads(lambda a, b: layers.im2col_conv(a, b, stride, padding), x, kernel)
+    want = value_and_grads(lambda a, b: lax_conv(a, b, stride, padding), x, kernel)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape,padding", [
+    ((2, 14, 14, 16), 1),   # even map: whole 2x2 tiles
+    ((3, 7, 7, 8), 1),      # odd map: the last tile is cropped
+    ((2, 9, 6, 8), 0),
+    ((2, 5, 8, 8), 2),
+    ((1, 1, 1, 8), 1),
+])
+def test_winograd_conv_matches_lax_conv(shape, padding):
+    kx, kk = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(kx, shape) + 0.5
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], 5))
+    got = value_and_grads(lambda a, b: layers.winograd_conv(a, b, padding), x, kernel)
+    want = value_and_grads(lambda a, b: lax_conv(a, b, 1, padding), x, kernel)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def test_winograd_conv_second_order():
+    """Gradients of gradients (the backward is itself differentiable) agree with lax.conv."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 6, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 8, 4))
+
+    def grad_norm(conv):
+        return jax.grad(lambda k: jnp.sum(jnp.square(jax.grad(lambda a: jnp.sum(jnp.sin(conv(a, k))))(x))))
+
+    assert_close(grad_norm(lambda a, k: layers.winograd_conv(a, k, 1))(kernel),
+                 grad_norm(lambda a, k: lax_conv(a, k, 1, 1))(kernel))
+
+
+@pytest.mark.parametrize("impl", ["winograd", "im2col"])
+@pytest.mark.parametrize("k,stride,padding,cin", [(3, 1, 1, 16), (3, 1, 1, 1), (3, 2, 1, 8)])
+def test_conv_module_implementations_share_parameters(impl, k, stride, padding, cin):
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 8, cin))
+    ref = layers.Conv(6, k, stride, padding, conv_impl="lax")
+    variables = ref.init(jax.random.PRNGKey(5), x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)  # non-zero bias
+    assert variables["params"]["kernel"].shape == (k, k, cin, 6)
+    conv = layers.Conv(6, k, stride, padding, conv_impl=impl)
+    assert_close(conv.apply(variables, x), ref.apply(variables, x))
+
+
+def test_resolve_conv_impl():
+    assert layers.resolve_conv_impl("auto") == ("winograd" if jax.default_backend() == "cpu" else "lax")
+    with pytest.raises(ValueError, match="conv_impl"):
+        layers.resolve_conv_impl("fft")
+
+
+def reference_norm(x, scale, bias, axes, eps=1e-5):
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
+    return (x64 - mean) / np.sqrt(var + eps) * np.asarray(scale) + np.asarray(bias)
+
+
+def test_instance_norm_matches_reference():
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(6), (3, 5, 4, 6)) + 2.0
+    norm = layers.InstanceNorm()
+    variables = norm.init(jax.random.PRNGKey(0), x)
+    scale = jnp.linspace(0.5, 1.5, 6)
+    bias = jnp.linspace(-1.0, 1.0, 6)
+    variables = {"params": {"scale": scale, "bias": bias}}
+    assert_close(norm.apply(variables, x), reference_norm(x, scale, bias, (1, 2)))
+
+
+def test_batch_norm_train_matches_reference_and_updates_like_pytorch():
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(8), (4, 3, 5, 6)) - 1.0
+    bn = layers.BatchNorm(use_running_average=False, momentum=0.1)
+    variables = bn.init(jax.random.PRNGKey(0), x)
+    y, state = bn.apply(variables, x, mutable=["batch_stats"])
+    assert_close(y, reference_norm(x, np.ones(6), np.zeros(6), (0, 1, 2)))
+    x64 = np.asarray(x, np.float64).reshape(-1, 6)
+    assert_close(state["batch_stats"]["mean"], 0.1 * x64.mean(0))
+    assert_close(state["batch_stats"]["var"], 0.9 + 0.1 * x64.var(0, ddof=1))
+
+
+@pytest.mark.parametrize("axes", [(1, 2), (0, 1, 2)])
+def test_normalize_gradients_match_autodiff(axes):
+    """The hand-written backward equals autodiff of the textbook formula, for all three outputs."""
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(9), (4, 5, 5, 6)) + 2.0
+    scale = jax.random.normal(jax.random.PRNGKey(10), (6,))
+    bias = jax.random.normal(jax.random.PRNGKey(11), (6,))
+
+    def textbook(x, scale, bias):
+        mean = x.mean(axis=axes, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+    got_out, got_vjp = jax.vjp(lambda *a: layers._normalize(*a, axes, 1e-5), x, scale, bias)
+    want_out, want_vjp = jax.vjp(textbook, x, scale, bias)
+    cotangents = tuple(jax.random.normal(jax.random.PRNGKey(12 + i), o.shape) for i, o in enumerate(want_out))
+    for a, b in zip(got_out + got_vjp(cotangents), want_out + want_vjp(cotangents)):
+        assert_close(a, b)
+
+
+def test_batch_norm_sows_per_sample_moments():
+    x = jax.random.normal(jax.random.PRNGKey(13), (3, 4, 4, 5)) + 1.0
+    bn = layers.BatchNorm(use_running_average=True)
+    variables = bn.init(jax.random.PRNGKey(0), x)
+    _, state = bn.apply(variables, x, mutable=[layers.BN_STATS])
+    (mean, var), = layers.collect_bn_moments(state).values()
+    x64 = np.asarray(x, np.float64)
+    assert_close(mean, x64.mean(axis=(1, 2)))
+    assert_close(var, x64.var(axis=(1, 2)))
+    mu, sigma2 = layers.pooled_moments(mean, var)
+    assert_close(mu, x64.mean(axis=(0, 1, 2)))
+    assert_close(sigma2, x64.var(axis=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3)])
+def test_avg_pool2_matches_reference(shape):
+    x = jax.random.normal(jax.random.PRNGKey(14), shape)
+    n, h, w, c = shape
+    x64 = np.asarray(x, np.float64)[:, : h // 2 * 2, : w // 2 * 2]
+    want = x64.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    assert_close(layers.avg_pool2(x), want)

@@ -13,6 +13,7 @@ def train_spec(**overrides) -> ml_collections.ConfigDict:
         norm="instance",        # ConvNets: instance | batch | none
         stem="small",           # ResNets: imagenet | small | tiny
         width=128,              # ConvNet width
+        first_padding=-1,       # ConvNet first conv: -1 = DC's rule (3 for 1-channel images, else 1)
         optimizer="sgd",        # sgd | adamw | adam
         lr=0.01,
         momentum=0.9,
@@ -58,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher = train_spec(norm="batch", optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine",
                                 epochs=12, batch_size=256, augment=dict(flip=True, shift=2))
     config.teacher.checkpoint = ""       # a finished teacher work directory to reuse instead of training
+    config.teacher.first_padding = 1     # our teacher: padding 1 everywhere (students follow DC's rule)
 
     # Evaluation: train fresh students on the (synthetic or random-real) set, report test accuracy.
     config.eval = ml_collections.ConfigDict()
@@ -98,5 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
         learn_weights=False,             # True: weighted (k-means) barycenter; False: uniform weights
         max_features_per_class=0,        # 0 = all; else a random budget per class
         num_iterations=100,              # uniform weights: outer fixed-point steps (epsilon annealed)
+    ))
+    # Stage export: our synthetic set and teacher in the PyTorch layouts (wmdd_jax/interop).
+    config.export = ml_collections.ConfigDict(dict(
+        image_format="png",              # png (exact) | jpeg (the official code's choice, lossy)
+        jpeg_quality=95,
     ))
     return config

@@ -14,9 +14,11 @@ def count(tree) -> int:
 
 
 @pytest.mark.parametrize("name,kwargs,shape,classes,expected", [
-    # DC/DM ConvNet(channel=1, net_width=128, depth=3, im_size=28): 3 convs, 3 GroupNorm(128,128), Linear(1152, 10).
-    ("convnet3", dict(norm="instance"), (28, 28, 1), 10, 308_746),
-    ("convnet3", dict(norm="batch"), (28, 28, 1), 10, 308_746),
+    # DC/DM ConvNet(channel=1, net_width=128, depth=3, im_size=28): the first conv pads by 3, so
+    # 3 convs, 3 GroupNorm(128,128) and Linear(128*4*4=2048, 10).
+    ("convnet3", dict(norm="instance"), (28, 28, 1), 10, 317_706),
+    # Our Fashion-MNIST teacher pads by 1: Linear(128*3*3=1152, 10).
+    ("convnet3", dict(norm="batch", first_padding=1), (28, 28, 1), 10, 308_746),
     # ConvNetD4 on 32x32x3 (CIFAR-10): 4 pools leave 2x2x128 = 512 features.
     ("convnet4", dict(norm="instance"), (32, 32, 3), 10, 3 * 9 * 128 + 128 + 3 * (128 * 9 * 128 + 128) + 4 * 256 + 512 * 10 + 10),
     # torchvision resnet18(num_classes=1000): 11,689,512 parameters.
@@ -36,7 +38,7 @@ def test_features_are_the_classifier_input():
     variables = init_variables(model, jax.random.key(0), (28, 28, 1))
     x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
     logits, features = model.apply(variables, x, return_features=True)
-    assert features.shape == (3, 16 * 3 * 3)
+    assert features.shape == (3, 16 * 4 * 4)  # 28 px, first conv padded by 3 (DC): 32 -> 16 -> 8 -> 4
     head = variables["params"]["classifier"]
     np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5)
 

@@ -28,6 +28,10 @@ SYNTHETIC_FILE = "images.npz"
 def load_image_set(path: str, like: Source) -> tuple[ArraySource, np.ndarray, str]:
     """A saved set: ``images`` [n, h, w, c] in [0, 1], ``labels`` [n], optional ``weights`` [n], ``method``."""
     file = path if path.endswith(".npz") else os.path.join(path, SYNTHETIC_FILE)
+    from wmdd_jax import interop
+
+    if not os.path.exists(file) and interop.is_torch_image_set(path):  # class folders or a .pt file
+        return interop.load_torch_image_set(path, like)
     if not os.path.exists(file):
         raise UserError(f"no image set at {file}: run the distillation stages first, or pass "
                         f"--config.eval.source=random_real")

@@ -23,15 +23,17 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override f
 def _stages():
     from wmdd_jax import distill
     from wmdd_jax.evaluate import evaluate
+    from wmdd_jax.interop.export import export
     from wmdd_jax.pipeline import run_all
     from wmdd_jax.relabel import relabel
     from wmdd_jax.teacher import pretrain
 
     return {"pretrain": pretrain, "statistics": distill.statistics, "barycenter": distill.barycenter,
-            "recover": distill.recover, "relabel": relabel, "evaluate": evaluate, "all": run_all}
+            "recover": distill.recover, "relabel": relabel, "evaluate": evaluate, "all": run_all,
+            "export": export}
 
 
-STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all")
+STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all", "export")
 
 
 def _fail(message: str) -> None:

@@ -16,11 +16,12 @@ _MODEL_FILE = "model.json"
 
 def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
     return create_model(spec.model, num_classes, norm=spec.norm, stem=spec.stem, width=spec.width,
-                        conv_impl=conv_impl)
+                        conv_impl=conv_impl, first_padding=spec.first_padding)
 
 
 def _describe(spec, source: Source) -> dict:
     return {"model": spec.model, "norm": spec.norm, "stem": spec.stem, "width": spec.width,
+            "first_padding": spec.first_padding,
             "num_classes": source.num_classes, "image_shape": list(source.image_shape)}
 
 
@@ -48,6 +49,10 @@ def pretrain(config, workdir: str) -> Teacher:
 def load_teacher(config, workdir: str) -> Teacher:
     """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``."""
     folder = config.teacher.checkpoint or os.path.join(workdir, "teacher")
+    if os.path.isfile(folder):  # a PyTorch checkpoint (.pth/.pt) of the architecture config.teacher names
+        from wmdd_jax.interop import load_torch_teacher
+
+        return load_torch_teacher(config, folder)
     described = os.path.join(folder, _MODEL_FILE)
     if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
         raise UserError(f"no finished teacher in {folder}: run 'python -m wmdd_jax pretrain' with this "
@@ -55,7 +60,7 @@ def load_teacher(config, workdir: str) -> Teacher:
     with open(described) as f:
         d = json.load(f)
     model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
-                         conv_impl=config.conv_impl)
+                         conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
     import jax
 
     target = init_variables(model, jax.random.key(0), tuple(d["image_shape"]))

@@ -264,7 +264,8 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     ckpt.save_tree(final_path, variables)
     accuracy = evaluate_accuracy(model, variables, test_source) if test_source is not None else None
     with open(result_path, "w") as f:
-        json.dump({"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds,
+        # seconds and images/s cover this process's part of the run (from step ``resumed_from``).
+        json.dump({"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds, "resumed_from": start,
                    "images_per_s": (total_steps - start) * batch_size / max(seconds, 1e-9)}, f)
     return TrainResult(variables, accuracy, total_steps, seconds)
 

@@ -17,12 +17,13 @@ _REGISTRY = {"convnet3": ConvNet3, "convnet4": ConvNet4, "resnet18": ResNet18}
 
 
 def create_model(name: str, num_classes: int, *, norm: str = "instance", stem: str = "small",
-                 width: int = 128, conv_impl: str = "auto") -> nn.Module:
+                 width: int = 128, conv_impl: str = "auto", first_padding: int = -1) -> nn.Module:
     """Builds a registered model; options a model does not take are ignored."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}")
     if name.startswith("convnet"):
-        return _REGISTRY[name](num_classes=num_classes, norm=norm, width=width, conv_impl=conv_impl)
+        return _REGISTRY[name](num_classes=num_classes, norm=norm, width=width, conv_impl=conv_impl,
+                               first_padding=first_padding)
     return _REGISTRY[name](num_classes=num_classes, stem=stem, conv_impl=conv_impl)
 
 

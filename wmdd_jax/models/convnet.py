@@ -3,6 +3,10 @@
 ``depth`` blocks of [3x3 conv (width) -> norm -> ReLU -> 2x2 average pool], then
 one linear classifier on the flattened map. Instance norm is the standard
 evaluator; batch norm is used for teachers, whose BN statistics WMDD matches.
+
+As in DC/DM, the first convolution pads 1-channel images by 3 (a 28x28 image
+is seen as 32x32, so ConvNet-3 ends on 4x4x128 = 2048 features) and others by 1:
+``first_padding=-1`` follows that rule; 0 or more sets the padding.
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ class ConvNet(nn.Module):
     width: int = 128
     norm: str = "instance"
     conv_impl: str = "auto"
+    first_padding: int = -1
+
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """x: [n, h, w, c] normalised images -> logits [n, classes] (and features [n, d])."""
         for i in range(self.depth):
-            x = Conv(self.width, 3, 1, 1, conv_impl=self.conv_impl, name=f"conv{i}")(x)
+            padding = 1
+            if i == 0:
+                padding = self.first_padding if self.first_padding >= 0 else (3 if x.shape[-1] == 1 else 1)
+            x = Conv(self.width, 3, 1, padding, conv_impl=self.conv_impl, name=f"conv{i}")(x)
             norm = make_norm(self.norm, train, name=f"norm{i}")
             if norm is not None:
                 x = norm(x)

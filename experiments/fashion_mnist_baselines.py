@@ -33,6 +33,17 @@ def run(stage: str, workdir: str, *overrides: str) -> str:
                      *[f'"{o}"' if "(" in o else o for o in overrides]])
 
 
+def record_teacher(workdir: str, command: str) -> None:
+    with open(os.path.join(workdir, "teacher", "result.json")) as f:
+        teacher = json.load(f)
+    # Wall time only for a run done in one go; a resumed run's result covers its last part.
+    timing = ({"train_minutes": round(teacher["seconds"] / 60, 1)} if teacher.get("resumed_from") == 0 else
+              {"train_minutes": None, "timing_note": "interrupted and resumed; no single-run wall time"})
+    results.upsert_jsonl(OUT, results.summary_row(
+        dataset="fashion_mnist", method="teacher", model="convnet3_bn", ipc=None, label_mode="hard",
+        values=[teacher["test_accuracy"]], command=command, machine="2-core CPU", **timing))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
@@ -41,15 +52,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="(0,1,2)")
     args = parser.parse_args()
 
-    command = run("pretrain", args.workdir)
-    with open(os.path.join(args.workdir, "teacher", "result.json")) as f:
-        teacher = json.load(f)
-    # Wall time only for a run done in one go; a resumed run's result covers its last part.
-    timing = ({"train_minutes": round(teacher["seconds"] / 60, 1)} if teacher.get("resumed_from") == 0 else
-              {"train_minutes": None, "timing_note": "interrupted and resumed; no single-run wall time"})
-    results.upsert_jsonl(OUT, results.summary_row(
-        dataset="fashion_mnist", method="teacher", model="convnet3_bn", ipc=None, label_mode="hard",
-        values=[teacher["test_accuracy"]], command=command, machine="2-core CPU", **timing))
+    record_teacher(args.workdir, run("pretrain", args.workdir))
 
     for mode in args.label_modes:  # all hard-label cells first: they need no teacher
         for ipc in args.ipcs:

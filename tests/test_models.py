@@ -45,7 +45,7 @@ def test_features_are_the_classifier_input():
 
 def test_bn_moments_give_batch_and_class_statistics():
     """Per-sample moments pooled by `pooled_moments` equal the statistics of the BN input itself."""
-    model = create_model("convnet3", 4, norm="batch", width=8)
+    model = create_model("convnet3", 4, norm="batch", width=8, first_padding=1)
     variables = init_variables(model, jax.random.key(0), (12, 12, 1))
     x = jax.random.normal(jax.random.key(1), (6, 12, 12, 1))
     labels = jnp.array([0, 1, 1, 2, 2, 2])
@@ -68,7 +68,7 @@ def test_bn_moments_give_batch_and_class_statistics():
 
 def test_batchnorm_running_statistics_follow_pytorch():
     """momentum 0.1 and the unbiased batch variance, as torch.nn.BatchNorm2d."""
-    model = create_model("convnet3", 2, norm="batch", width=4)
+    model = create_model("convnet3", 2, norm="batch", width=4, first_padding=1)
     variables = init_variables(model, jax.random.key(0), (8, 8, 1))
     x = jax.random.normal(jax.random.key(1), (5, 8, 8, 1))
     _, upd = model.apply(variables, x, train=True, mutable=["batch_stats", BN_STATS])

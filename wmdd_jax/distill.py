@@ -242,8 +242,11 @@ def _augment(rng, x, cfg, image_size: int):
     return x
 
 
-def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int):
+def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int, class_ids=None):
     """WMDD's objective on all classes at once; ``images`` [C, m, h, w, c].
+
+    ``class_ids`` ([C], default ``arange(C)``) are the labels of the classes given (a shard of
+    the classes passes its own).
 
     The official code optimises batches of ``cfg.batch_size`` (100) images, i.e. groups of
     g = batch_size / m whole classes. Summing the official loss over such class groups keeps
@@ -255,7 +258,9 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     C, m = images.shape[:2]
     g = max(1, int(cfg.batch_size) // m)           # classes per official batch
     groups = -(-C // g)
-    labels = jnp.repeat(jnp.arange(C), m)
+    class_ids = jnp.arange(C) if class_ids is None else class_ids
+    labels = jnp.repeat(class_ids, m)
+    local = jnp.repeat(jnp.arange(C), m)  # position of each image's class among those given
     x = _augment(rng, images.reshape(C * m, *images.shape[2:]), cfg, image_size)
     (logits, features), state = teacher.model.apply(teacher.variables, x, train=False, return_features=True,
                                                     mutable=[BN_STATS])
@@ -269,7 +274,7 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     for i, (layer, (mu_i, var_i)) in enumerate(collect_bn_moments(state).items()):
         weight = cfg.first_bn_multiplier if i == 0 else 1.0
         if cfg.per_class_bn:
-            mu, var = pooled_moments(mu_i, var_i, labels, C)                 # [C, ch]
+            mu, var = pooled_moments(mu_i, var_i, local, C)                  # [C, ch]
             per = (jnp.linalg.norm(targets.bn_var[layer] - var, axis=-1)
                    + jnp.linalg.norm(targets.bn_mean[layer] - mu, axis=-1))  # [C]
             bn += weight * jnp.sum(per) / g

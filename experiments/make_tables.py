@@ -31,10 +31,12 @@ def throughput_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "images_per_s" in r]
     if not rows:
         return ""
-    lines = ["| benchmark | implementation | norm | batch | images/s |", "|---|---|---|---|---|"]
+    lines = ["| benchmark | implementation | norm | batch | images/s (median) | range | date |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        lo, hi = r.get("min_max_images_per_s", ["", ""])
         lines.append(f"| {r.get('benchmark', '')} | {r.get('impl', '')} | {r.get('norm', '')} | {r.get('batch', '')} "
-                     f"| {r['images_per_s']:.0f} |")
+                     f"| {r['images_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {r.get('date', '')} |")
     return "\n".join(lines)
 
 

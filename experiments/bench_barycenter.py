@@ -1,0 +1,220 @@
+"""Benchmark: free-support W2 barycenters, this project vs OTT-JAX vs POT (issue 3).
+
+For every cell (n points per class, d = 512, m support points, a batch of 1 or 10 classes) each
+method computes one barycenter per class; we record the compile time, the median run time and the
+exact W2^2 between each class's points and the result (POT ``emd2``, float64, mean over classes).
+
+Data: synthetic "penultimate features": ReLU(W z + 0.5) + 0.3 |noise| with z drawn from a 10-component
+Gaussian mixture in 32 dimensions and W a random 32 -> 512 map (non-negative, anisotropic, clustered,
+like global-average-pooled ResNet features). One class = one draw of the generator with seed = class index.
+
+Rows:
+  wmdd_uniform_weights   barycenter.free_support_barycenter, defaults (annealed, warm-started Sinkhorn)
+  wmdd_learned_weights   the same with learn_weights=True (weighted k-means, 10 restarts)
+  ott_fwb_default        OTT FreeWassersteinBarycenter(Sinkhorn()) with every default (epsilon = 0.05 std of
+                         the cost, random initial points)
+  ott_fwb_tuned          OTT FreeWassersteinBarycenter at *our* final epsilon (points normalised as ours are,
+                         epsilon = epsilon_end), started from our k-means++ seeding, over-relaxed Sinkhorn
+                         (momentum 1.5): the "same epsilon" reference for the run-time target
+  pot_exact              POT ot.lp.free_support_barycenter (exact OT, numItermax 100) from our seeding
+  pot_exact_normal_init  the same from b ~ N(0, I), as the official WMDD code starts
+
+Batches: ours and OTT vmap over the classes inside one jit; POT loops over them.
+
+Usage: python experiments/bench_barycenter.py [--quick] [--cells 500x10x1,...] [--out FILE]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from wmdd_jax import barycenter  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ott.problems.linear import barycenter_problem  # noqa: E402
+    from ott.solvers.linear import acceleration, continuous_barycenter, sinkhorn  # noqa: E402
+
+import ot  # noqa: E402  (POT, the test extra)
+
+DATE = "2026-11-25"
+MACHINE = "2-core CPU"
+D = 512
+EPSILON_END = 1e-3  # barycenter.free_support_barycenter's default, relative to the class variance
+
+
+def class_features(seed: int, n: int, d: int = D, latent: int = 32, k: int = 10, noise: float = 0.3):
+    """[n, d] float32 synthetic features of one class (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, latent)) * 1.5
+    comp = rng.choice(k, size=n, p=rng.dirichlet(np.ones(k)))
+    z = means[comp] + rng.normal(size=(n, latent))
+    w = rng.normal(size=(latent, d)) / np.sqrt(latent)
+    h = np.maximum(z @ w + 0.5, 0.0) + noise * np.abs(rng.normal(size=(n, d)))
+    return h.astype(np.float32)
+
+
+def exact_w2(points: np.ndarray, support: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Exact W2^2 (network simplex, float64) between uniform points and a weighted support."""
+    x, y = points.astype(np.float64), support.astype(np.float64)
+    a = np.full(len(x), 1.0 / len(x))
+    b = np.full(len(y), 1.0 / len(y)) if weights is None else np.asarray(weights, np.float64)
+    return float(ot.emd2(a, b / b.sum(), ot.dist(x, y), numItermax=10**7))
+
+
+def normalise(points):
+    """(points - centre) / scale with unit total variance, as the barycenter module does."""
+    centre = points.mean(axis=0)
+    scale = jnp.sqrt(jnp.mean(jnp.sum((points - centre) ** 2, axis=-1)))
+    return (points - centre) / scale, centre, scale
+
+
+# ----------------------------------------------------------------------------------------- methods
+# Each factory returns a jittable f(points [n, d], key) -> (support [m, d], weights [m]) for one class.
+
+
+def ours(m: int, learn_weights: bool):
+    def f(points, key):
+        res = barycenter.free_support_barycenter(points, m, rng=key, learn_weights=learn_weights)
+        return res.support, res.weights
+    return f
+
+
+def ott_fwb(m: int, tuned: bool):
+    def f(points, key):
+        n = points.shape[0]
+        if tuned:
+            init = barycenter.kmeans_plus_plus(points, m, rng=key)
+            y, centre, scale = normalise(points)
+            x_init = (init - centre) / scale
+            linear = sinkhorn.Sinkhorn(momentum=acceleration.Momentum(value=1.5))
+            epsilon = EPSILON_END
+        else:
+            y, centre, scale, x_init = points, 0.0, 1.0, None
+            linear, epsilon = sinkhorn.Sinkhorn(), None
+        prob = barycenter_problem.FreeBarycenterProblem(
+            y=y[None], b=jnp.full((1, n), 1.0 / n, y.dtype), epsilon=epsilon)
+        out = continuous_barycenter.FreeWassersteinBarycenter(linear)(prob, bar_size=m, x_init=x_init, rng=key)
+        return centre + scale * out.x, out.a
+    return f
+
+
+def time_jax(f, batch_points, keys, runs: int):
+    """(compile_s, median run_s, outputs) of jit(f) or jit(vmap(f)) for a batch of 1 or more classes."""
+    single = batch_points.shape[0] == 1
+    fn = jax.jit(f) if single else jax.jit(jax.vmap(f))
+    args = (batch_points[0], keys[0]) if single else (batch_points, keys)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    support, weights = (np.asarray(v) for v in out)
+    if single:
+        support, weights = support[None], weights[None]
+    return compile_s, float(np.median(times)), support, weights
+
+
+def time_pot(batch_points, inits, runs: int):
+    """POT's exact fixed point, one class after another, from the given initial supports."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        support = []
+        for x, init in zip(batch_points, inits):
+            x = x.astype(np.float64)
+            support.append(ot.lp.free_support_barycenter(
+                [x], [np.full(len(x), 1.0 / len(x))], init.astype(np.float64), numItermax=100))
+        times.append(time.perf_counter() - t0)
+    support = np.stack(support)
+    return None, float(np.median(times)), support, np.full(support.shape[:2], 1.0 / support.shape[1])
+
+
+# ------------------------------------------------------------------------------------------- cells
+
+
+def run_cell(n, m, batch, runs_jax, runs_slow, command, out_file, methods):
+    batch_points = np.stack([class_features(c, n) for c in range(batch)])
+    keys = jax.random.split(jax.random.key(0), batch)
+    seeds = jax.jit(jax.vmap(lambda p, k: barycenter.kmeans_plus_plus(p, m, rng=k)))
+    kpp_init = np.asarray(seeds(batch_points, keys))
+    normal_init = np.random.default_rng(1).normal(size=(batch, m, D))
+    rows = []
+    for method in methods:
+        if method == "wmdd_uniform_weights":
+            res = time_jax(ours(m, False), batch_points, keys, runs_jax)
+        elif method == "wmdd_learned_weights":
+            res = time_jax(ours(m, True), batch_points, keys, runs_jax)
+        elif method == "ott_fwb_default":
+            res = time_jax(ott_fwb(m, False), batch_points, keys, runs_slow)
+        elif method == "ott_fwb_tuned":
+            res = time_jax(ott_fwb(m, True), batch_points, keys, runs_slow)
+        elif method == "pot_exact":
+            res = time_pot(batch_points, kpp_init, runs_slow)
+        elif method == "pot_exact_normal_init":
+            res = time_pot(batch_points, normal_init, runs_slow)
+        else:
+            raise ValueError(method)
+        compile_s, run_s, support, weights = res
+        w2 = [exact_w2(x, s, w) for x, s, w in zip(batch_points, support, weights)]
+        runs = runs_jax if method.startswith("wmdd") else runs_slow
+        row = dict(benchmark="barycenter", method=method, n=n, d=D, m=m, batch=batch,
+                   compile_s=None if compile_s is None else round(compile_s, 3), run_s=round(run_s, 4),
+                   runs=runs, w2_exact=round(float(np.mean(w2)), 4),
+                   w2_exact_per_class=[round(v, 4) for v in w2],
+                   data="synthetic relu(latent 10-GMM) features", dtype="float32 (POT float64)",
+                   load_avg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__,
+                   command=command, date=DATE, machine=MACHINE)
+        rows.append(row)
+        print(f"n={n:5d} m={m:3d} batch={batch:2d} {method:24s} compile {row['compile_s']} s  run {run_s:8.3f} s"
+              f"  W2^2 {row['w2_exact']:.3f}  (load {row['load_avg_1m']})", flush=True)
+        out_file.write(json.dumps(row) + "\n")
+        out_file.flush()
+    return rows
+
+
+METHODS = ["wmdd_uniform_weights", "wmdd_learned_weights", "ott_fwb_default", "ott_fwb_tuned", "pot_exact",
+           "pot_exact_normal_init"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer timing runs (ours 3, OTT/POT 1), for a shared 2-core machine")
+    parser.add_argument("--cells", default="500x10x1,500x50x1,1300x10x1,1300x50x1,"
+                                           "500x10x10,500x50x10,1300x10x10,1300x50x10",
+                        help="comma-separated NxMxBATCH")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "bench_barycenter.jsonl"))
+    parser.add_argument("--append", action="store_true")
+    args = parser.parse_args()
+    command = "python experiments/bench_barycenter.py " + " ".join(sys.argv[1:])
+    methods = args.methods.split(",")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t_start = time.perf_counter()
+    with open(args.out, "a" if args.append else "w") as out_file:
+        for cell in args.cells.split(","):
+            n, m, batch = (int(v) for v in cell.split("x"))
+            if args.quick:
+                runs_jax, runs_slow = 3, 1
+            else:
+                runs_jax, runs_slow = (5, 3) if batch == 1 else (3, 1)
+            run_cell(n, m, batch, runs_jax, runs_slow, command, out_file, methods)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

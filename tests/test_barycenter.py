@@ -1,0 +1,219 @@
+"""Tests for wmdd_jax.barycenter: exact-OT references, invariances, batching, numerics.
+
+Compiles are the cost here (seconds each on CPU), so each test jits one function and checks a batch
+of cases with it. Multi-device checks (pmap, shard_map) live in test_barycenter_multidevice.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from wmdd_jax import barycenter
+
+M = 6       # support points in the property tests
+ROWS = 16   # rows per cloud in the batched tests: real points, then zero-weight padding
+D = 4
+
+
+def clusters(seed: int, n: int, d: int = D, k: int = 3) -> np.ndarray:
+    """[n, d] float32 points in k separated, unevenly filled clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 4.0
+    return (centres[rng.integers(0, k, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def assert_same_rows(a, b, atol, err_msg=""):
+    """Rows of a and b equal up to order (optimal matching), to atol."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cost = ((a[:, None] - b[None]) ** 2).sum(-1)
+    i, j = linear_sum_assignment(cost)
+    np.testing.assert_allclose(a[i], b[j], atol=atol, rtol=0, err_msg=err_msg)
+
+
+def exact_w2(x, a, y, b) -> float:
+    """Exact W2^2 by POT's network simplex (float64)."""
+    ot = pytest.importorskip("ot", reason="POT (the `test` extra) gives the exact OT reference")
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    a = np.full(len(x), 1.0 / len(x)) if a is None else np.asarray(a, np.float64) / np.sum(a)
+    b = np.full(len(y), 1.0 / len(y)) if b is None else np.asarray(b, np.float64) / np.sum(b)
+    return float(ot.emd2(a, b, ot.dist(x, y), numItermax=10**6))
+
+
+@functools.lru_cache(maxsize=None)
+def solver(learn_weights: bool, batched: bool, with_init: bool = False):
+    """jit(f) or jit(vmap(f)) of f(points, weights, key[, init]) -> BarycenterOutput; cached across tests."""
+    def f(points, weights, key, init=None):
+        return barycenter.free_support_barycenter(points, M, point_weights=weights, rng=key,
+                                                  learn_weights=learn_weights, init=init)
+    if not with_init:
+        g = lambda p, w, k: f(p, w, k)  # noqa: E731
+    else:
+        g = f
+    return jax.jit(jax.vmap(g) if batched else g)
+
+
+def padded(points: np.ndarray, rows: int = ROWS, fill: float = 0.0):
+    """points in the first rows, then `fill` rows with weight 0."""
+    out = np.full((rows, points.shape[1]), fill, np.float32)
+    out[:len(points)] = points
+    weights = np.zeros(rows, np.float32)
+    weights[:len(points)] = 1.0
+    return out, weights
+
+
+def property_cases():
+    """Named [ROWS, D] clouds: the same 12-point class in several disguises, and edge cases."""
+    base = clusters(0, 12)
+    rng = np.random.default_rng(1)
+    shift = np.array([100.0, -50.0, 3.0, 7.0], np.float32)
+    perm = rng.permutation(ROWS)
+    cases = {
+        "base": padded(base),
+        "translated": padded(base + shift),
+        "permuted": tuple(v[perm] for v in padded(base)),
+        "garbage_padding": padded(base, fill=1e6),
+        "scale_1e-3": padded(base * 1e-3),
+        "scale_1e3": padded(base * 1e3),
+        "duplicates": padded(np.repeat(base[:6], 2, axis=0)),
+        "n_equals_m": padded(base[:M]),
+        "fewer_than_m": padded(base[:3]),
+    }
+    return base, shift, cases
+
+
+@pytest.mark.parametrize("learn_weights", [False, True], ids=["uniform", "learned"])
+def test_invariances_padding_and_numerics(learn_weights):
+    """One vmapped call over all cases, one unbatched call on the unpadded class."""
+    base, shift, cases = property_cases()
+    names = list(cases)
+    points = np.stack([cases[k][0] for k in names])
+    weights = np.stack([cases[k][1] for k in names])
+    keys = jnp.stack([jax.random.key(0)] * len(names))
+    out = jax.tree.map(np.asarray, solver(learn_weights, batched=True)(points, weights, keys))
+    res = {k: jax.tree.map(lambda v, i=i: v[i], out) for i, k in enumerate(names)}
+    ref = jax.tree.map(np.asarray, solver(learn_weights, batched=False)(base, np.ones(12, np.float32),
+                                                                        jax.random.key(0)))
+    # float32 Sinkhorn at epsilon = 1e-3 of the variance rounds the plan at ~1e-4 relative (see the
+    # `tol` docstring); support coordinates here are O(5), their spread O(4).
+    atol = 5e-3 if not learn_weights else 1e-4
+    for k, r in res.items():
+        assert r.support.dtype == np.float32 and r.weights.dtype == np.float32, k
+        for v in (r.support, r.weights, r.cost):
+            assert np.all(np.isfinite(v)), k
+        np.testing.assert_allclose(r.weights.sum(), 1.0, rtol=1e-5, err_msg=k)
+        assert r.cost >= 0, k
+
+    # Zero-weight padding (with any content) and batching change nothing.
+    for k in ("base", "garbage_padding"):
+        assert_same_rows(res[k].support, ref.support, atol, k)
+        np.testing.assert_allclose(res[k].cost, ref.cost, rtol=1e-3, err_msg=k)
+    # Permutation invariance, translation equivariance, scale equivariance.
+    assert_same_rows(res["permuted"].support, ref.support, atol, "permuted")
+    assert_same_rows(res["translated"].support, ref.support + shift, atol * 10, "translated")
+    np.testing.assert_allclose(res["translated"].cost, ref.cost, rtol=1e-3)
+    for k, s in (("scale_1e-3", 1e-3), ("scale_1e3", 1e3)):
+        assert_same_rows(res[k].support / s, ref.support, atol, k)
+        np.testing.assert_allclose(res[k].cost / s**2, ref.cost, rtol=1e-3, err_msg=k)
+    # Learned weights: weights are the cluster masses (their order follows the support).
+    if learn_weights:
+        for k in ("permuted", "translated"):
+            np.testing.assert_allclose(np.sort(res[k].weights), np.sort(ref.weights), atol=1e-6)
+
+    # m == number of real points: the support is the points, the cost 0.
+    assert_same_rows(res["n_equals_m"].support, base[:M], 1e-3, "n_equals_m")
+    np.testing.assert_allclose(res["n_equals_m"].cost, 0.0, atol=1e-4)
+    if learn_weights:
+        np.testing.assert_allclose(res["n_equals_m"].weights, 1.0 / M, rtol=1e-5)
+    # Fewer real points (3) than m (6): every point is duplicated, its mass split (documented rule).
+    r = res["fewer_than_m"]
+    assert_same_rows(r.support, np.repeat(base[:3], 2, axis=0), 1e-3, "fewer_than_m")
+    np.testing.assert_allclose(r.weights, 1.0 / M, rtol=1e-5)
+    np.testing.assert_allclose(r.cost, 0.0, atol=1e-4)
+    # Duplicated points: 6 distinct locations, each twice, for 6 support points.
+    assert_same_rows(res["duplicates"].support, base[:6], 1e-3, "duplicates")
+
+
+def test_uniform_beats_pot_exact_from_same_init():
+    """Exact W2^2 of our uniform barycenter <= POT's exact fixed point from the same start."""
+    ot = pytest.importorskip("ot", reason="POT (the `test` extra) gives the exact reference")
+    clouds = np.stack([clusters(seed, ROWS) for seed in range(8)])
+    inits = clouds[:, :M].copy()  # a poor start (the first rows): room for both to improve
+    ones = np.ones(clouds.shape[:2], np.float32)
+    keys = jnp.stack([jax.random.key(0)] * len(clouds))
+    out = solver(False, batched=True, with_init=True)(clouds, ones, keys, inits)
+    for x, init, support, cost in zip(clouds, inits, np.asarray(out.support), np.asarray(out.cost)):
+        x64 = x.astype(np.float64)
+        pot = ot.lp.free_support_barycenter([x64], [np.full(len(x), 1.0 / len(x))], init.astype(np.float64))
+        ours_w2, pot_w2 = exact_w2(x, None, support, None), exact_w2(x, None, pot, None)
+        assert ours_w2 <= pot_w2 * (1 + 1e-4), (ours_w2, pot_w2)
+        # The reported cost is <P_eps, C>: an upper bound of the exact value, and close to it.
+        np.testing.assert_allclose(cost, ours_w2, rtol=2e-2)
+
+
+def test_learned_weights_cost_is_exact_and_optimal():
+    """Learned weights: res.cost is the exact W2^2 to the weighted support, and those weights beat
+    uniform ones on the same support (nearest-point masses are the optimal weights)."""
+    clouds = np.stack([clusters(seed, ROWS) for seed in range(4)])
+    ones = np.ones(clouds.shape[:2], np.float32)
+    keys = jnp.stack([jax.random.key(0)] * len(clouds))
+    learned = solver(True, batched=True)(clouds, ones, keys)
+    for x, s, w, c in zip(clouds, *(np.asarray(v) for v in (learned.support, learned.weights, learned.cost))):
+        np.testing.assert_allclose(c, exact_w2(x, None, s, w), rtol=1e-4)
+        assert c <= exact_w2(x, None, s, None) * (1 + 1e-6)
+
+
+def test_class_barycenters_match_per_class_calls():
+    """Unequal classes, unsorted labels: rows equal unbatched calls on each class, with its split key."""
+    rng = np.random.default_rng(3)
+    sizes = [4, 7, 12]
+    features = np.concatenate([clusters(10 + c, s) + 10 * c for c, s in enumerate(sizes)])
+    labels = np.concatenate([np.full(s, c, np.int32) for c, s in enumerate(sizes)])
+    order = rng.permutation(len(labels))
+    features, labels = features[order], labels[order]
+    fn = jax.jit(functools.partial(barycenter.class_barycenters, num_classes=3, num_support=3,
+                                   max_class_size=12))
+    res = fn(features, labels, rng=jax.random.key(5))
+    assert res.support.shape == (3, 3, D) and res.weights.shape == (3, 3) and res.cost.shape == (3,)
+    points, weights = barycenter.pad_classes(features, labels, 3, 12)
+    np.testing.assert_allclose(np.asarray(weights).sum(1), 1.0, rtol=1e-6)
+    keys = jax.random.split(jax.random.key(5), 3)
+    one = jax.jit(lambda p, w, k: barycenter.free_support_barycenter(p, 3, point_weights=w, rng=k))
+    for c in range(3):
+        # Class c's real points, in their original order, then padding.
+        np.testing.assert_array_equal(np.asarray(points[c, :sizes[c]]), features[labels == c])
+        ref = one(points[c], weights[c], keys[c])
+        np.testing.assert_allclose(res.support[c], ref.support, atol=5e-3)
+        np.testing.assert_allclose(res.cost[c], ref.cost, rtol=1e-3)
+
+
+def test_wasserstein2_matches_exact_ot():
+    """Sinkhorn-based W2^2 (sharp and debiased) against POT's exact value, weighted, any scale."""
+    rng = np.random.default_rng(4)
+    x, y = clusters(5, 10), clusters(6, 7) + 1.0
+    a, b = rng.uniform(0.5, 1.5, 10).astype(np.float32), rng.uniform(0.5, 1.5, 7).astype(np.float32)
+    a[-1] = 0.0  # padding
+
+    @jax.jit
+    def both(x, a, y, b):
+        return (barycenter.wasserstein2(x, a, y, b), barycenter.wasserstein2(x, a, y, b, debiased=True),
+                barycenter.wasserstein2(x, a, x, a, debiased=True))
+
+    exact = exact_w2(x, a, y, b)
+    for scale in (1.0, 1e-3, 1e3):
+        sharp, debiased, self_div = (float(v) for v in both(x * scale, a, y * scale, b))
+        np.testing.assert_allclose(sharp / scale**2, exact, rtol=5e-3)
+        np.testing.assert_allclose(debiased / scale**2, exact, rtol=5e-2)
+        assert abs(self_div) <= 1e-3 * exact * scale**2
+
+
+def test_float64_when_x64_enabled():
+    with jax.enable_x64(True):
+        x = clusters(7, 12).astype(np.float64)
+        res = jax.jit(lambda p: barycenter.free_support_barycenter(p, 3))(x)
+        assert res.support.dtype == jnp.float64 and res.weights.dtype == jnp.float64
+        assert res.cost.dtype == jnp.float64
+        np.testing.assert_allclose(float(res.cost), exact_w2(x, None, np.asarray(res.support), None), rtol=1e-3)

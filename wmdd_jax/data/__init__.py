@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from wmdd_jax.data.augment import augment_batch
-from wmdd_jax.data.base import ArraySource, Source, denormalize, load_all, normalize, random_subset, to_float
+from wmdd_jax.data.base import (ArraySource, Source, denormalize, group_by_class, load_all, normalize,
+                                random_subset, to_float)
 from wmdd_jax.data.fashion_mnist import load_fashion_mnist
 from wmdd_jax.errors import UserError
 
@@ -81,7 +82,7 @@ class IndexedSource:
         self.base, self.indices, self.name = base, np.asarray(indices), name
         self.num_classes, self.mean, self.std = base.num_classes, base.mean, base.std
         self._labels = base.labels[self.indices]
-        self._by_class = [np.flatnonzero(self._labels == k) for k in range(self.num_classes)]
+        self._by_class = group_by_class(self._labels, self.num_classes)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -67,14 +67,19 @@ class ArraySource:
 
     def class_indices(self, k: int) -> np.ndarray:
         if self._by_class is None:
-            order = np.argsort(self.labels, kind="stable")
-            bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
-            self._by_class = [order[bounds[c] : bounds[c + 1]] for c in range(self.num_classes)]
+            self._by_class = group_by_class(self.labels, self.num_classes)
         return self._by_class[k]
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> "ArraySource":
         return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
                                    name=name or self.name)
+
+
+def group_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """For each class, the ascending indices of its examples."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

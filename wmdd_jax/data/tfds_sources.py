@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from wmdd_jax.data import tiny_imagenet  # noqa: F401  (registers the tiny_imagenet builder with tfds)
+from wmdd_jax.data.base import group_by_class
 from wmdd_jax.errors import UserError
 
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -162,9 +163,7 @@ class TfdsSource:
     def class_indices(self, k: int) -> np.ndarray:
         """[n_k] indices of the images of class ``k``, ascending."""
         if self._by_class is None:
-            order = np.argsort(self.labels, kind="stable")
-            bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
-            self._by_class = [order[bounds[c] : bounds[c + 1]] for c in range(self.num_classes)]
+            self._by_class = group_by_class(self.labels, self.num_classes)
         return self._by_class[k]
 
 

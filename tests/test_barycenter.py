@@ -44,16 +44,14 @@ def exact_w2(x, a, y, b) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def solver(learn_weights: bool, batched: bool, with_init: bool = False):
-    """jit(f) or jit(vmap(f)) of f(points, weights, key[, init]) -> BarycenterOutput; cached across tests."""
-    def f(points, weights, key, init=None):
+def solver(learn_weights: bool, batched: bool):
+    """jit(f) or jit(vmap(f)) of f(points, weights, key[, init]) -> BarycenterOutput, M support
+    points; cached, so that tests calling it with the same shapes share one compile."""
+    def f(points, weights, key, *init):
         return barycenter.free_support_barycenter(points, M, point_weights=weights, rng=key,
-                                                  learn_weights=learn_weights, init=init)
-    if not with_init:
-        g = lambda p, w, k: f(p, w, k)  # noqa: E731
-    else:
-        g = f
-    return jax.jit(jax.vmap(g) if batched else g)
+                                                  learn_weights=learn_weights,
+                                                  init=init[0] if init else None)
+    return jax.jit(jax.vmap(f) if batched else f)
 
 
 def padded(points: np.ndarray, rows: int = ROWS, fill: float = 0.0):
@@ -98,8 +96,9 @@ def test_invariances_padding_and_numerics(learn_weights):
     ref = jax.tree.map(np.asarray, solver(learn_weights, batched=False)(base, np.ones(12, np.float32),
                                                                         jax.random.key(0)))
     # float32 Sinkhorn at epsilon = 1e-3 of the variance rounds the plan at ~1e-4 relative (see the
-    # `tol` docstring); support coordinates here are O(5), their spread O(4).
-    atol = 5e-3 if not learn_weights else 1e-4
+    # `tol` docstring), and a point split between two support points moves them ~10x more; the
+    # coordinates here are O(5) with spread O(4), so 1e-2 is float noise, not another optimum.
+    atol = 1e-2 if not learn_weights else 1e-4
     for k, r in res.items():
         assert r.support.dtype == np.float32 and r.weights.dtype == np.float32, k
         for v in (r.support, r.weights, r.cost):
@@ -123,16 +122,19 @@ def test_invariances_padding_and_numerics(learn_weights):
         for k in ("permuted", "translated"):
             np.testing.assert_allclose(np.sort(res[k].weights), np.sort(ref.weights), atol=1e-6)
 
-    # m == number of real points: the support is the points, the cost 0.
+    # m == number of real points: the support is the points, the cost 0 (the reported cost is an
+    # upper bound whose slack is ~ Sinkhorn's marginal error times the costs: relative to the
+    # variance, 1e-3 is that slack).
+    zero_cost = 1e-3 * np.sum(np.var(base, axis=0))
     assert_same_rows(res["n_equals_m"].support, base[:M], 1e-3, "n_equals_m")
-    np.testing.assert_allclose(res["n_equals_m"].cost, 0.0, atol=1e-4)
+    np.testing.assert_allclose(res["n_equals_m"].cost, 0.0, atol=zero_cost)
     if learn_weights:
         np.testing.assert_allclose(res["n_equals_m"].weights, 1.0 / M, rtol=1e-5)
     # Fewer real points (3) than m (6): every point is duplicated, its mass split (documented rule).
     r = res["fewer_than_m"]
     assert_same_rows(r.support, np.repeat(base[:3], 2, axis=0), 1e-3, "fewer_than_m")
     np.testing.assert_allclose(r.weights, 1.0 / M, rtol=1e-5)
-    np.testing.assert_allclose(r.cost, 0.0, atol=1e-4)
+    np.testing.assert_allclose(r.cost, 0.0, atol=zero_cost)
     # Duplicated points: 6 distinct locations, each twice, for 6 support points.
     assert_same_rows(res["duplicates"].support, base[:6], 1e-3, "duplicates")
 
@@ -140,24 +142,25 @@ def test_invariances_padding_and_numerics(learn_weights):
 def test_uniform_beats_pot_exact_from_same_init():
     """Exact W2^2 of our uniform barycenter <= POT's exact fixed point from the same start."""
     ot = pytest.importorskip("ot", reason="POT (the `test` extra) gives the exact reference")
-    clouds = np.stack([clusters(seed, ROWS) for seed in range(8)])
+    clouds = np.stack([clusters(seed, ROWS) for seed in range(9)])
     inits = clouds[:, :M].copy()  # a poor start (the first rows): room for both to improve
     ones = np.ones(clouds.shape[:2], np.float32)
     keys = jnp.stack([jax.random.key(0)] * len(clouds))
-    out = solver(False, batched=True, with_init=True)(clouds, ones, keys, inits)
+    out = solver(False, batched=True)(clouds, ones, keys, inits)
     for x, init, support, cost in zip(clouds, inits, np.asarray(out.support), np.asarray(out.cost)):
         x64 = x.astype(np.float64)
         pot = ot.lp.free_support_barycenter([x64], [np.full(len(x), 1.0 / len(x))], init.astype(np.float64))
         ours_w2, pot_w2 = exact_w2(x, None, support, None), exact_w2(x, None, pot, None)
         assert ours_w2 <= pot_w2 * (1 + 1e-4), (ours_w2, pot_w2)
-        # The reported cost is <P_eps, C>: an upper bound of the exact value, and close to it.
-        np.testing.assert_allclose(cost, ours_w2, rtol=2e-2)
+        # The reported cost is that of a feasible (rounded) plan: an upper bound, and close (the
+        # rounding's slack is ~ the Sinkhorn marginal error times the largest cost).
+        assert ours_w2 * (1 - 1e-5) <= cost <= ours_w2 * (1 + 1e-2), (cost, ours_w2)
 
 
 def test_learned_weights_cost_is_exact_and_optimal():
     """Learned weights: res.cost is the exact W2^2 to the weighted support, and those weights beat
     uniform ones on the same support (nearest-point masses are the optimal weights)."""
-    clouds = np.stack([clusters(seed, ROWS) for seed in range(4)])
+    clouds = np.stack([clusters(seed, ROWS) for seed in range(9)])  # the batch shape of the test above
     ones = np.ones(clouds.shape[:2], np.float32)
     keys = jnp.stack([jax.random.key(0)] * len(clouds))
     learned = solver(True, batched=True)(clouds, ones, keys)
@@ -167,27 +170,33 @@ def test_learned_weights_cost_is_exact_and_optimal():
 
 
 def test_class_barycenters_match_per_class_calls():
-    """Unequal classes, unsorted labels: rows equal unbatched calls on each class, with its split key."""
+    """Unequal classes, shuffled labels: each row equals the unbatched call on that class alone
+    with its split key (the reference reuses the compiled 12-row function of the test above)."""
     rng = np.random.default_rng(3)
-    sizes = [4, 7, 12]
-    features = np.concatenate([clusters(10 + c, s) + 10 * c for c, s in enumerate(sizes)])
+    sizes = [12, 5, 12]
+    classes = [clusters(10 + c, s) + 10 * c for c, s in enumerate(sizes)]
     labels = np.concatenate([np.full(s, c, np.int32) for c, s in enumerate(sizes)])
     order = rng.permutation(len(labels))
-    features, labels = features[order], labels[order]
-    fn = jax.jit(functools.partial(barycenter.class_barycenters, num_classes=3, num_support=3,
+    features, labels = np.concatenate(classes)[order], labels[order]
+    fn = jax.jit(functools.partial(barycenter.class_barycenters, num_classes=3, num_support=M,
                                    max_class_size=12))
-    res = fn(features, labels, rng=jax.random.key(5))
-    assert res.support.shape == (3, 3, D) and res.weights.shape == (3, 3) and res.cost.shape == (3,)
-    points, weights = barycenter.pad_classes(features, labels, 3, 12)
-    np.testing.assert_allclose(np.asarray(weights).sum(1), 1.0, rtol=1e-6)
+    res = jax.tree.map(np.asarray, fn(features, labels, rng=jax.random.key(5)))
+    assert res.support.shape == (3, M, D) and res.weights.shape == (3, M) and res.cost.shape == (3,)
+    points, weights = (np.asarray(v) for v in barycenter.pad_classes(features, labels, 3, 12))
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
     keys = jax.random.split(jax.random.key(5), 3)
-    one = jax.jit(lambda p, w, k: barycenter.free_support_barycenter(p, 3, point_weights=w, rng=k))
     for c in range(3):
-        # Class c's real points, in their original order, then padding.
-        np.testing.assert_array_equal(np.asarray(points[c, :sizes[c]]), features[labels == c])
-        ref = one(points[c], weights[c], keys[c])
-        np.testing.assert_allclose(res.support[c], ref.support, atol=5e-3)
+        # Class c's points, in their original order, then zero-weight padding.
+        np.testing.assert_array_equal(points[c, :sizes[c]], features[labels == c])
+        assert np.all(weights[c, sizes[c]:] == 0)
+        x, w = padded(classes[c], rows=12)
+        ref = solver(False, batched=False)(x, w, keys[c])
+        assert_same_rows(res.support[c], ref.support, 5e-3, f"class {c}")
         np.testing.assert_allclose(res.cost[c], ref.cost, rtol=1e-3)
+    # Sequential classes (jax.lax.map, the faster choice on CPU) give the same rows.
+    seq = jax.jit(functools.partial(barycenter.class_barycenters, num_classes=3, num_support=M,
+                                    max_class_size=12, batch_size=1))(features, labels, rng=jax.random.key(5))
+    np.testing.assert_allclose(seq.support, res.support, atol=5e-3)
 
 
 def test_wasserstein2_matches_exact_ot():
@@ -205,7 +214,7 @@ def test_wasserstein2_matches_exact_ot():
     exact = exact_w2(x, a, y, b)
     for scale in (1.0, 1e-3, 1e3):
         sharp, debiased, self_div = (float(v) for v in both(x * scale, a, y * scale, b))
-        np.testing.assert_allclose(sharp / scale**2, exact, rtol=5e-3)
+        assert exact * (1 - 1e-5) <= sharp / scale**2 <= exact * (1 + 1e-3), (sharp, exact)
         np.testing.assert_allclose(debiased / scale**2, exact, rtol=5e-2)
         assert abs(self_div) <= 1e-3 * exact * scale**2
 

@@ -49,8 +49,8 @@ def test_class_statistics_are_exact(distilled):
 
 def test_barycenter_targets(distilled):
     config, workdir = distilled
-    with np.load(os.path.join(workdir, distill.BARYCENTER_FILE)) as z:
-        support, weights = z["support"], z["weights"]
+    out = distill.load_barycenters(os.path.join(workdir, distill.BARYCENTER_DIR), list(range(10)))
+    support, weights = out["support"], out["weights"]
     assert support.shape[:2] == (10, config.ipc) and np.all(np.isfinite(support))
     np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
 
@@ -136,7 +136,7 @@ def test_all_stages_from_the_command_line(tmp_path):
                  "--config.eval.soft.relabel=stored", "--config.teacher.epochs=4"]
     out = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
-    for path in ("teacher/result.json", "statistics/class_00009.npz", "barycenter.npz", "synthetic/images.npz",
+    for path in ("teacher/result.json", "statistics/class_00009.npz", "barycenter/class_00009.npz", "synthetic/images.npz",
                  "synthetic/grid.png", "synthetic/soft_labels.npz", "eval/summary.jsonl"):
         assert os.path.exists(tmp_path / path), path
     with np.load(tmp_path / "synthetic" / "images.npz") as z:
@@ -150,3 +150,35 @@ def test_all_stages_from_the_command_line(tmp_path):
     # Rerun: every stage finds its outputs and skips.
     again = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
     assert again.returncode == 0 and "recover:" not in again.stdout
+
+
+def test_padded_classes_change_nothing():
+    """Empty classes with a zero mask (the padding of a class axis split over devices) add nothing."""
+    model = create_model("convnet3", 4, norm="batch", width=4)
+    teacher = Teacher(model, init_variables(model, jax.random.key(0), (8, 8, 1)))
+    cfg = tiny_config().synthesis
+    cfg.batch_size = 6  # groups of 3 classes: the padding shares a group with a real class
+    C, m, pad = 4, 2, 2
+    images = jax.random.normal(jax.random.key(1), (C, m, 8, 8, 1))
+    layers = ("norm0", "norm1", "norm2")
+    targets = distill.Targets(jax.random.normal(jax.random.key(2), (C, m, 4)),
+                              {l: jax.random.uniform(jax.random.key(3), (C, 4)) for l in layers},  # noqa: E741
+                              {l: jax.random.uniform(jax.random.key(4), (C, 4)) for l in layers})  # noqa: E741
+    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]),
+                          (images, targets))
+    ids = jnp.concatenate([jnp.arange(C), jnp.zeros(pad, jnp.int32)])
+    mask = jnp.concatenate([jnp.ones(C), jnp.zeros(pad)])
+    for per_class_bn in (True, False):
+        cfg.per_class_bn = per_class_bn
+        t = targets if per_class_bn else targets._replace(bn_mean={l: v[0] for l, v in targets.bn_mean.items()},
+                                                          bn_var={l: v[0] for l, v in targets.bn_var.items()})
+        tp = padded[1] if per_class_bn else padded[1]._replace(bn_mean=t.bn_mean, bn_var=t.bn_var)
+        (loss, parts), grad = jax.value_and_grad(distill.synthesis_loss, has_aux=True)(
+            images, jax.random.key(5), teacher, t, cfg, 8)
+        (loss_p, parts_p), grad_p = jax.value_and_grad(distill.synthesis_loss, has_aux=True)(
+            padded[0], jax.random.key(5), teacher, tp, cfg, 8, ids, mask)
+        np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
+        for k in parts:
+            np.testing.assert_allclose(parts_p[k], parts[k], rtol=1e-5)
+        np.testing.assert_allclose(grad_p[:C], grad, rtol=1e-4, atol=1e-7)
+        assert np.all(grad_p[C:] == 0), "padded images must get a zero (finite) gradient"

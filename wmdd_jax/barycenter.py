@@ -662,7 +662,8 @@ def class_barycenters(
         num_classes: ``C``. num_support: ``m`` per class.
         rng: PRNG key (default ``jax.random.key(0)``); class ``k`` uses
             ``jax.random.split(rng, C)[k]``, so its row equals :func:`free_support_barycenter` on
-            that class alone with that key (padding changes nothing).
+            that class alone with that key (padding changes nothing). Or ``[C]`` keys, one per
+            class (a subset of classes keeps the keys it has in the whole set).
         max_class_size: see :func:`pad_classes` (required under ``jit``).
         batch_size: ``None``: all classes in one ``vmap`` (best on accelerators). An int: classes
             in sequential chunks of that size (``jax.lax.map``); on CPU ``1`` is about twice as fast
@@ -684,7 +685,9 @@ def class_barycenters(
         p, w, key = args
         return free_support_barycenter(p, num_support, point_weights=w, rng=key, **kwargs)
 
-    args = (points, weights, jax.random.split(rng, num_classes))
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    keys = rng if rng.ndim == (1 if typed else 2) else jax.random.split(rng, num_classes)
+    args = (points, weights, keys)
     if batch_size is None:
         return jax.vmap(one)(args)
     return jax.lax.map(one, args, batch_size=batch_size)

@@ -3,14 +3,16 @@
 ``statistics(config, workdir)``  one eval-mode pass of the teacher over the real
     training images: per class, the penultimate features and, for every
     BatchNorm layer, the exact mean and (biased) variance of the layer's input.
-    Written per class (``statistics/class_00007.npz``), so classes can be
-    produced and read by different hosts.
+    Written per class (``statistics/class_00007.npz``).
 ``barycenter(config, workdir)``  ``barycenter.class_barycenters`` on those
-    features: IPC support points and weights per class (``barycenter.npz``).
+    features: IPC support points and weights per class (``barycenter/class_00007.npz``).
 ``recover(config, workdir)``  the synthetic images, optimised with Adam so that
     their teacher features land on the barycenter points, their per-class BN
     statistics on the real ones, and the teacher classifies them as their class
     (``synthetic/images.npz`` and a PNG grid, one row per class).
+
+Every stage works on the classes of this process's devices (``wmdd_jax.sharding``): one
+process does all of them; on several hosts each reads and writes only its own.
 
 See ../shared/DESIGN.md "The method" for the losses and their weights.
 """
@@ -32,26 +34,29 @@ from tqdm.auto import tqdm
 
 from wmdd_jax import barycenter as bary
 from wmdd_jax import checkpoint as ckpt
+from wmdd_jax import sharding
 from wmdd_jax.data import Source, augment, denormalize, load_split, normalize
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
 from wmdd_jax.train import Teacher
 
-STATS_DIR, BARYCENTER_FILE, SYNTHETIC_DIR = "statistics", "barycenter.npz", "synthetic"
+STATS_DIR, BARYCENTER_DIR, SYNTHETIC_DIR = "statistics", "barycenter", "synthetic"
 
 
 # --------------------------------------------------------------------------- statistics
 
 
 class ClassStatistics(NamedTuple):
-    """Per-class teacher statistics of the real data.
+    """Per-class teacher statistics of the real data, for the classes in ``classes``.
 
+    classes: the class ids held (all, or those one process owns); everything below is aligned with it.
     features: per class, ``[n_k, d]`` penultimate features (eval mode, no augmentation).
     indices: per class, ``[n_k]`` indices of those images in the training source.
-    bn_mean, bn_var: layer path -> ``[C, channels]`` class-conditional mean / biased variance of
-      the layer's input over all images of the class and all positions.
+    bn_mean, bn_var: layer path -> ``[len(classes), channels]`` class-conditional mean / biased
+      variance of the layer's input over all images of the class and all positions.
     """
 
+    classes: list[int]
     features: list[np.ndarray]
     indices: list[np.ndarray]
     bn_mean: dict[str, np.ndarray]
@@ -67,64 +72,75 @@ def _feature_fn(model):
     return run
 
 
-def class_statistics(teacher: Teacher, source: Source, *, batch_size: int = 500,
+def class_statistics(teacher: Teacher, source: Source, *, classes=None, batch_size: int = 500,
                      max_features_per_class: int = 0, seed: int = 0, verbose: bool = True) -> ClassStatistics:
-    """One pass over ``source``; BN statistics pooled exactly (law of total variance, float64)."""
-    C = source.num_classes
+    """One pass over the images of ``classes`` (default all); BN statistics pooled exactly in float64.
+
+    Only those classes' images are read. With ``max_features_per_class``, class ``k`` keeps a
+    random subset drawn from ``(seed, k)``, the same whichever process computes it.
+    """
+    classes = list(range(source.num_classes)) if classes is None else [int(k) for k in classes]
+    per_class = [np.asarray(source.class_indices(k)) for k in classes]
+    order = np.concatenate(per_class)
+    position = np.repeat(np.arange(len(classes)), [len(i) for i in per_class])
     run = _feature_fn(teacher.model)
-    n = len(source)
-    feats, counts = [], np.zeros(C)
+    feats, counts = [], np.bincount(position, minlength=len(classes)).astype(np.float64)
     sums: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, n, batch_size), desc="statistics", disable=not verbose, leave=False):
-        idx = np.arange(start, min(start + batch_size, n))
+    for start in tqdm(range(0, len(order), batch_size), desc="statistics", leave=False,
+                      disable=not verbose or jax.process_index() != 0):
+        idx, pos = order[start : start + batch_size], position[start : start + batch_size]
         pad = batch_size - len(idx)
-        images, labels = source.get(np.concatenate([idx, np.full(pad, idx[-1])]))
+        images, _ = source.get(np.concatenate([idx, np.full(pad, idx[-1])]))
         f, moments = run(teacher.variables, normalize(images, source.mean, source.std))
-        f = np.asarray(f[: len(idx)])
-        labels = labels[: len(idx)]
-        feats.append(f)
-        counts += np.bincount(labels, minlength=C)
+        feats.append(np.asarray(f[: len(idx)]))
         for layer, (m, v) in moments.items():
             m, v = np.asarray(m[: len(idx)], np.float64), np.asarray(v[: len(idx)], np.float64)
-            s = sums.setdefault(layer, [np.zeros((C, m.shape[1])), np.zeros((C, m.shape[1]))])
-            np.add.at(s[0], labels, m)
-            np.add.at(s[1], labels, v + m * m)  # per-sample E[x^2]
-    features = np.concatenate(feats)
+            s = sums.setdefault(layer, [np.zeros((len(classes), m.shape[1])), np.zeros((len(classes), m.shape[1]))])
+            np.add.at(s[0], pos, m)
+            np.add.at(s[1], pos, v + m * m)  # per-sample E[x^2]
+    features = np.split(np.concatenate(feats), np.cumsum([len(i) for i in per_class])[:-1])
     denom = np.maximum(counts, 1)[:, None]
     bn_mean = {k: (s[0] / denom).astype(np.float32) for k, s in sums.items()}
     bn_var = {k: np.maximum(s[1] / denom - (s[0] / denom) ** 2, 0).astype(np.float32) for k, s in sums.items()}
-    rng = np.random.default_rng(seed)
-    per_class, per_index = [], []
-    for k in range(C):
-        idx = source.class_indices(k)
-        if max_features_per_class and len(idx) > max_features_per_class:
-            idx = np.sort(rng.choice(idx, max_features_per_class, replace=False))
-        per_class.append(features[idx])
-        per_index.append(idx)
-    return ClassStatistics(per_class, per_index, bn_mean, bn_var)
+    for i, k in enumerate(classes):
+        if max_features_per_class and len(per_class[i]) > max_features_per_class:
+            keep = np.sort(np.random.default_rng([seed, k]).choice(len(per_class[i]), max_features_per_class,
+                                                                   replace=False))
+            features[i], per_class[i] = features[i][keep], per_class[i][keep]
+    return ClassStatistics(classes, features, per_class, bn_mean, bn_var)
 
 
-def save_statistics(stats: ClassStatistics, folder: str, classes: range | None = None) -> None:
-    """One file per class (``classes``: the ones this process owns; default all)."""
+def _class_file(folder: str, k: int) -> str:
+    return os.path.join(folder, f"class_{k:05d}.npz")
+
+
+def _write_npz(path: str, **arrays) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def save_statistics(stats: ClassStatistics, folder: str) -> None:
+    """One file per class held (a process writes only the classes it owns)."""
     os.makedirs(folder, exist_ok=True)
-    for k in classes if classes is not None else range(len(stats.features)):
-        arrays = {"features": stats.features[k], "indices": stats.indices[k]}
-        arrays.update({f"mean/{layer}": v[k] for layer, v in stats.bn_mean.items()})
-        arrays.update({f"var/{layer}": v[k] for layer, v in stats.bn_var.items()})
-        tmp = os.path.join(folder, f".class_{k:05d}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, os.path.join(folder, f"class_{k:05d}.npz"))
+    for i, k in enumerate(stats.classes):
+        arrays = {"features": stats.features[i], "indices": stats.indices[i]}
+        arrays.update({f"mean/{layer}": v[i] for layer, v in stats.bn_mean.items()})
+        arrays.update({f"var/{layer}": v[i] for layer, v in stats.bn_var.items()})
+        _write_npz(_class_file(folder, k), **arrays)
 
 
-def load_statistics(folder: str, num_classes: int) -> ClassStatistics:
-    paths = [os.path.join(folder, f"class_{k:05d}.npz") for k in range(num_classes)]
-    missing = [p for p in paths if not os.path.exists(p)]
+def load_statistics(folder: str, classes) -> ClassStatistics:
+    """The statistics of ``classes`` (a list of ids, or a class count for all)."""
+    classes = list(range(classes)) if isinstance(classes, int) else list(classes)
+    missing = [_class_file(folder, k) for k in classes if not os.path.exists(_class_file(folder, k))]
     if missing:
         raise UserError(f"{len(missing)} class statistics files missing in {folder} (first: {missing[0]}): run the "
                         f"'statistics' stage with this --workdir")
     features, indices, means, variances = [], [], {}, {}
-    for path in paths:
-        with np.load(path) as z:
+    for k in classes:
+        with np.load(_class_file(folder, k)) as z:
             features.append(z["features"])
             indices.append(z["indices"])
             for key in z.files:
@@ -133,59 +149,94 @@ def load_statistics(folder: str, num_classes: int) -> ClassStatistics:
                     means.setdefault(layer, []).append(z[key])
                 elif kind == "var":
                     variances.setdefault(layer, []).append(z[key])
-    return ClassStatistics(features, indices, {k: np.stack(v) for k, v in means.items()},
+    return ClassStatistics(classes, features, indices, {k: np.stack(v) for k, v in means.items()},
                            {k: np.stack(v) for k, v in variances.items()})
 
 
+def _owned(config, num_classes: int) -> list[int]:
+    """The classes this process works on: its devices' share of the class axis."""
+    return sharding.owned_classes(num_classes, sharding.make_mesh(config.mesh))
+
+
 def statistics(config, workdir: str) -> ClassStatistics:
-    """Stage ``statistics``: skipped when every class file exists."""
+    """Stage ``statistics`` for this process's classes; skipped when their files exist."""
     from wmdd_jax.teacher import load_teacher
 
     folder = os.path.join(workdir, STATS_DIR)
     source = load_split(config.data, "train")
-    if len(glob.glob(os.path.join(folder, "class_*.npz"))) == source.num_classes:
-        return load_statistics(folder, source.num_classes)
+    classes = _owned(config, source.num_classes)
+    if all(os.path.exists(_class_file(folder, k)) for k in classes):
+        return load_statistics(folder, classes)
     teacher = load_teacher(config, workdir)
     t0 = time.time()
-    stats = class_statistics(teacher, source, max_features_per_class=config.barycenter.max_features_per_class,
-                             seed=config.seed)
+    stats = class_statistics(teacher, source, classes=classes, seed=config.seed,
+                             max_features_per_class=config.barycenter.max_features_per_class)
     save_statistics(stats, folder)
-    print(f"statistics: {len(source)} images, {len(stats.bn_mean)} BN layers, "
-          f"{stats.features[0].shape[1]}-d features ({time.time() - t0:.0f} s)")
+    print(f"statistics: {sum(len(i) for i in stats.indices)} images of {len(classes)} classes, "
+          f"{len(stats.bn_mean)} BN layers, {stats.features[0].shape[1]}-d features ({time.time() - t0:.0f} s)")
     return stats
 
 
 # --------------------------------------------------------------------------- barycenter
 
 
-def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int) -> bary.BarycenterOutput:
-    """``class_barycenters`` over the per-class features (padded with zero weight), jitted once."""
-    labels = np.concatenate([np.full(len(f), k, np.int32) for k, f in enumerate(stats.features)])
+def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int,
+                        num_classes: int | None = None) -> bary.BarycenterOutput:
+    """``class_barycenters`` over the classes of ``stats`` (padded with zero weight), jitted once.
+
+    Class ``k`` draws from ``split(key(seed), num_classes)[k]`` (``num_classes``: of the whole
+    set, default ``len(stats.classes)``), so a process's subset gives the rows of the full run.
+    """
+    num_classes = len(stats.classes) if num_classes is None else num_classes
+    labels = np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(stats.features)])
     features = np.concatenate(stats.features)
     sizes = [len(f) for f in stats.features]
     if min(sizes) < ipc:
-        raise UserError(f"class {int(np.argmin(sizes))} has {min(sizes)} images, fewer than ipc={ipc}; lower "
-                        f"--config.ipc or raise --config.barycenter.max_features_per_class")
-    options = dict(learn_weights=bool(bary_config.learn_weights), num_iterations=int(bary_config.num_iterations))
+        raise UserError(f"class {stats.classes[int(np.argmin(sizes))]} has {min(sizes)} images, fewer than "
+                        f"ipc={ipc}; lower --config.ipc or raise --config.barycenter.max_features_per_class")
+    options = dict(learn_weights=bool(bary_config.learn_weights), num_iterations=int(bary_config.num_iterations),
+                   batch_size=int(bary_config.batch_size) or None)
     fn = jax.jit(functools.partial(bary.class_barycenters, num_classes=len(sizes), num_support=ipc,
                                    max_class_size=max(sizes), **options))
-    return fn(features, labels, rng=jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed), num_classes)[np.asarray(stats.classes)]
+    return fn(features, labels, rng=keys)
+
+
+BARYCENTER_KEYS = ("support", "weights", "cost", "converged")
+
+
+def load_barycenters(folder: str, classes: list[int]) -> dict[str, np.ndarray]:
+    """``support [n, m, d]``, ``weights [n, m]``, ``cost [n]``, ``converged [n]`` for ``classes``."""
+    missing = [_class_file(folder, k) for k in classes if not os.path.exists(_class_file(folder, k))]
+    if missing:
+        raise UserError(f"{len(missing)} barycenter files missing in {folder} (first: {missing[0]}): run the "
+                        f"'barycenter' stage with this --workdir")
+    rows = []
+    for k in classes:
+        with np.load(_class_file(folder, k)) as z:
+            rows.append({key: z[key] for key in BARYCENTER_KEYS})
+    return {key: np.stack([r[key] for r in rows]) for key in BARYCENTER_KEYS}
 
 
 def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
-    """Stage ``barycenter``: ``barycenter.npz`` with support [C, m, d], weights [C, m], cost [C]."""
-    path = os.path.join(workdir, BARYCENTER_FILE)
-    if os.path.exists(path):
-        with np.load(path) as z:
-            return dict(z)
+    """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged)."""
+    folder = os.path.join(workdir, BARYCENTER_DIR)
     source = load_split(config.data, "train")
-    stats = load_statistics(os.path.join(workdir, STATS_DIR), source.num_classes)
+    classes = _owned(config, source.num_classes)
+    if all(os.path.exists(_class_file(folder, k)) for k in classes):
+        out = load_barycenters(folder, classes)
+        if out["support"].shape[1] == config.ipc:
+            return out
+        raise UserError(f"{folder} holds barycenters with {out['support'].shape[1]} points per class, not "
+                        f"ipc={config.ipc}; use a new --workdir for another IPC")
+    stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
     t0 = time.time()
-    res = compute_barycenters(stats, config.ipc, config.barycenter, config.seed)
-    out = {k: np.asarray(getattr(res, k)) for k in ("support", "weights", "cost", "converged")}
-    np.savez(path + ".tmp.npz", **out)
-    os.replace(path + ".tmp.npz", path)
-    print(f"barycenter: {source.num_classes} classes x {config.ipc} points, mean W2^2 {out['cost'].mean():.4g} "
+    res = compute_barycenters(stats, config.ipc, config.barycenter, config.seed, source.num_classes)
+    os.makedirs(folder, exist_ok=True)
+    for i, k in enumerate(classes):
+        _write_npz(_class_file(folder, k), **{key: np.asarray(getattr(res, key))[i] for key in BARYCENTER_KEYS})
+    out = load_barycenters(folder, classes)
+    print(f"barycenter: {len(classes)} classes x {config.ipc} points, mean W2^2 {out['cost'].mean():.4g} "
           f"({time.time() - t0:.0f} s)")
     return out
 
@@ -209,25 +260,30 @@ class Targets(NamedTuple):
 
 
 def init_images(config, source: Source, stats: ClassStatistics, support: np.ndarray) -> np.ndarray:
-    """[C, m, h, w, c] normalised initial images: noise, or the real image nearest each support point."""
-    C, m = support.shape[:2]
+    """``[n, m, h, w, c]`` normalised initial images of the classes of ``stats``.
+
+    ``noise``: class ``k`` draws from ``fold_in(key(seed), k)``. ``real``: for each support
+    point, the nearest not yet taken real image of its class (only those images are read).
+    """
+    n, m = support.shape[:2]
     h, w, ch = source.image_shape
     init = config.synthesis.init
     if init == "noise":
-        return np.asarray(jax.random.normal(jax.random.key(config.seed), (C, m, h, w, ch)))
+        return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(config.seed), k),
+                                                      (m, h, w, ch))) for k in stats.classes])
     if init != "real":
         raise UserError(f"synthesis.init must be 'real' or 'noise', got {init!r}")
     picks = []
-    for k in range(C):
-        f, b = stats.features[k], support[k]
+    for i in range(n):
+        f, b = stats.features[i], support[i]
         d = (f * f).sum(1)[:, None] - 2 * f @ b.T + (b * b).sum(1)[None]      # [n_k, m] squared distances
         chosen = []
         for j in range(m):  # greedy: each support point takes its nearest image not yet taken
             order = np.argsort(d[:, j])
-            chosen.append(next(i for i in order if i not in chosen))
-        picks.append(stats.indices[k][chosen])
+            chosen.append(next(c for c in order if c not in chosen))
+        picks.append(stats.indices[i][chosen])
     images, _ = source.get(np.concatenate(picks))
-    return np.asarray(normalize(images, source.mean, source.std)).reshape(C, m, h, w, ch)
+    return np.asarray(normalize(images, source.mean, source.std)).reshape(n, m, h, w, ch)
 
 
 def _augment(rng, x, cfg, image_size: int):
@@ -242,11 +298,19 @@ def _augment(rng, x, cfg, image_size: int):
     return x
 
 
-def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int, class_ids=None):
+def _norm(x):
+    """Euclidean norm over the last axis with a finite gradient at 0 (padded classes sit there)."""
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1) + 1e-12)
+
+
+def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int, class_ids=None,
+                   class_mask=None):
     """WMDD's objective on all classes at once; ``images`` [C, m, h, w, c].
 
     ``class_ids`` ([C], default ``arange(C)``) are the labels of the classes given (a shard of
-    the classes passes its own).
+    the classes passes its own); class ``k``'s augmentations draw from ``fold_in(rng, k)``, so
+    they do not depend on which other classes run beside it. ``class_mask`` ([C], default all
+    ones) zeroes padded classes out of every term.
 
     The official code optimises batches of ``cfg.batch_size`` (100) images, i.e. groups of
     g = batch_size / m whole classes. Summing the official loss over such class groups keeps
@@ -259,47 +323,56 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     g = max(1, int(cfg.batch_size) // m)           # classes per official batch
     groups = -(-C // g)
     class_ids = jnp.arange(C) if class_ids is None else class_ids
-    labels = jnp.repeat(class_ids, m)
-    local = jnp.repeat(jnp.arange(C), m)  # position of each image's class among those given
-    x = _augment(rng, images.reshape(C * m, *images.shape[2:]), cfg, image_size)
+    mask = jnp.ones(C, images.dtype) if class_mask is None else class_mask.astype(images.dtype)
+    keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(class_ids)
+    x = jax.vmap(lambda key, im: _augment(key, im, cfg, image_size))(keys, images)
+    x = x.reshape(C * m, *images.shape[2:])
     (logits, features), state = teacher.model.apply(teacher.variables, x, train=False, return_features=True,
                                                     mutable=[BN_STATS])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum() / (g * m)
+    image_mask = jnp.repeat(mask, m)
+    labels = jnp.repeat(class_ids, m)
+    ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * image_mask) / (g * m)
 
     class_group = jnp.arange(C) // g
     sq = jnp.sum(jnp.square(features - targets.support.reshape(C * m, -1)), axis=-1).reshape(C, m).sum(1)
-    feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq, class_group, groups) + 1e-12))
+    feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq * mask, class_group, groups) + 1e-12)
+                      * (jax.ops.segment_sum(mask, class_group, groups) > 0))
 
     bn = 0.0
+    local = jnp.repeat(jnp.arange(C), m)  # position of each image's class among those given
     for i, (layer, (mu_i, var_i)) in enumerate(collect_bn_moments(state).items()):
         weight = cfg.first_bn_multiplier if i == 0 else 1.0
         if cfg.per_class_bn:
             mu, var = pooled_moments(mu_i, var_i, local, C)                  # [C, ch]
-            per = (jnp.linalg.norm(targets.bn_var[layer] - var, axis=-1)
-                   + jnp.linalg.norm(targets.bn_mean[layer] - mu, axis=-1))  # [C]
-            bn += weight * jnp.sum(per) / g
+            per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)  # [C]
+            bn += weight * jnp.sum(per * mask) / g
         else:  # SRe2L: each batch's statistics against the teacher's running statistics
-            mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups)
-            per = (jnp.linalg.norm(targets.bn_var[layer] - var, axis=-1)
-                   + jnp.linalg.norm(targets.bn_mean[layer] - mu, axis=-1))
-            bn += weight * jnp.sum(per)
+            mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups, weights=image_mask)
+            per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)
+            bn += weight * jnp.sum(per * (jax.ops.segment_sum(mask, class_group, groups) > 0))
     feature_term = feature if cfg.use_barycenter else 0.0
     total = cfg.r_wb * ce + feature_term + cfg.r_bn * bn
     return total, {"ce": ce, "feature": feature, "bn": bn}
 
 
-def make_synthesis_step(teacher: Teacher, cfg, mean, std, image_size: int, tx):
+def make_synthesis_step(model, cfg, mean, std, image_size: int, tx, seed: int, state_shardings=None):
+    """``step(state, targets, variables, class_ids, class_mask) -> (state, loss parts)``, one jit.
+
+    With ``state_shardings`` the new state keeps the class sharding of the old (the mesh's
+    devices each update their own classes; XLA adds the few cross-class sums).
+    """
     lo, hi = normalize(jnp.zeros(()), mean, std), normalize(jnp.ones(()), mean, std)
 
-    def step(state: SynthesisState, rng, targets: Targets):
-        key = jax.random.fold_in(rng, state.step)
+    def step(state: SynthesisState, targets: Targets, variables, class_ids, class_mask):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
         (_, parts), grads = jax.value_and_grad(synthesis_loss, has_aux=True)(
-            state.images, key, teacher, targets, cfg, image_size)
+            state.images, key, Teacher(model, variables), targets, cfg, image_size, class_ids, class_mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.images)
         images = jnp.clip(optax.apply_updates(state.images, updates), lo, hi)  # valid [0, 1] pixels
         return state.replace(step=state.step + 1, images=images, opt_state=opt_state), parts
 
-    return jax.jit(step, donate_argnums=(0,))
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out)
 
 
 def method_name(config) -> str:
@@ -314,64 +387,120 @@ def method_name(config) -> str:
     return name
 
 
+def _shard_file(out_dir: str) -> str:
+    return os.path.join(out_dir, f"images.process{jax.process_index():03d}-of-{jax.process_count():03d}.npz")
+
+
+def _load_images(path: str) -> np.ndarray:
+    with np.load(path) as z:
+        return z["images"]
+
+
 def recover(config, workdir: str) -> np.ndarray:
-    """Stage ``recover``: optimises the synthetic set; resumes from its last checkpoint."""
+    """Stage ``recover``: optimises the synthetic set over the mesh; resumes from its last checkpoint.
+
+    Returns this process's images ``[n * ipc, h, w, c]`` in [0, 1] (all classes on one process).
+    Several processes each write ``synthetic/images.processP-of-N.npz`` (their classes); process 0
+    joins them into ``synthetic/images.npz`` when it sees them all (a shared work directory).
+    """
     from wmdd_jax.teacher import load_teacher
 
     out_dir = os.path.join(workdir, SYNTHETIC_DIR)
     out_file = os.path.join(out_dir, "images.npz")
-    if os.path.exists(out_file):
-        with np.load(out_file) as z:
-            return z["images"]
+    multi = jax.process_count() > 1
+    mine = _shard_file(out_dir) if multi else out_file
+    if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):
+        return _load_images(mine if os.path.exists(mine) else out_file)
     cfg = config.synthesis
     source = load_split(config.data, "train")
-    stats = load_statistics(os.path.join(workdir, STATS_DIR), source.num_classes)
+    C, m = source.num_classes, int(config.ipc)
+    mesh = sharding.make_mesh(config.mesh)
+    classes = sharding.owned_classes(C, mesh)
+    C_pad = sharding.num_padded_classes(C, mesh)
+    stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
     bc = barycenter(config, workdir)
     teacher = load_teacher(config, workdir)
-    C, m = bc["support"].shape[:2]
+    row = {k: i for i, k in enumerate(classes)}
+
+    def by_class(arrays):  # this process's rows -> a class-sharded global array
+        arrays = np.asarray(arrays)
+        return sharding.class_array(mesh, C, lambda k: arrays[row[k]], arrays.shape[1:], arrays.dtype)
+
     if cfg.per_class_bn:
-        bn_mean, bn_var = stats.bn_mean, stats.bn_var
+        bn_mean = {layer: by_class(v) for layer, v in stats.bn_mean.items()}
+        bn_var = {layer: by_class(v) for layer, v in stats.bn_var.items()}
     else:
         running = flax.traverse_util.flatten_dict(teacher.variables["batch_stats"], sep="/")
-        bn_mean = {k[: -len("/mean")]: v for k, v in running.items() if k.endswith("/mean")}
-        bn_var = {k[: -len("/var")]: v for k, v in running.items() if k.endswith("/var")}
-    targets = Targets(jnp.asarray(bc["support"]), bn_mean, bn_var)
+        bn_mean = sharding.put_replicated({k[: -len("/mean")]: v for k, v in running.items()
+                                           if k.endswith("/mean")}, mesh)
+        bn_var = sharding.put_replicated({k[: -len("/var")]: v for k, v in running.items()
+                                          if k.endswith("/var")}, mesh)
+    targets = Targets(by_class(bc["support"]), bn_mean, bn_var)
+    class_ids = sharding.class_array(mesh, C, lambda k: np.int32(k), (), np.int32)
+    class_mask = sharding.class_array(mesh, C, lambda k: np.float32(1), ())
+    variables = sharding.put_replicated(teacher.variables, mesh)
 
     tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.iterations), b1=0.5, b2=0.9, eps=1e-8)
-    images = jnp.asarray(init_images(config, source, stats, bc["support"]))
-    state = SynthesisState(step=jnp.zeros((), jnp.int32), images=images, opt_state=tx.init(images))
+    images = by_class(init_images(config, source, stats, bc["support"]).astype(np.float32))
+
+    def fresh(images):
+        return SynthesisState(step=jnp.zeros((), jnp.int32), images=images, opt_state=tx.init(images))
+
+    shardings = sharding.tree_shardings(jax.eval_shape(fresh, images), mesh, C_pad)
+    state = jax.jit(fresh, out_shardings=shardings)(images)
     manager = ckpt.manager(os.path.join(out_dir, "checkpoints"))
     state = ckpt.restore(manager, state)
-    step_fn = make_synthesis_step(teacher, cfg, np.asarray(source.mean, np.float32),
-                                  np.asarray(source.std, np.float32), source.image_shape[0], tx)
-    rng = jax.random.key(config.seed + 1)
+    step_fn = make_synthesis_step(teacher.model, cfg, np.asarray(source.mean, np.float32),
+                                  np.asarray(source.std, np.float32), source.image_shape[0], tx,
+                                  seed=config.seed + 1, state_shardings=shardings)
     start, last_save, t0 = int(state.step), time.time(), time.time()
+    if start:
+        print(f"recover: resuming at step {start} of {cfg.iterations}")
     bar = tqdm(total=cfg.iterations, initial=start, desc=f"recover {method_name(config)}",
                disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
     try:
         for it in range(start, cfg.iterations):
-            state, parts = step_fn(state, rng, targets)
+            state, parts = step_fn(state, targets, variables, class_ids, class_mask)
             done = it + 1
             if done % int(cfg.log_every_steps) == 0:
                 bar.set_postfix({k: f"{float(v):.3g}" for k, v in parts.items()})
             bar.update(1)
-            if (done % int(cfg.checkpoint_every_steps) == 0 or time.time() - last_save > cfg.checkpoint_every_secs
-                    or done == cfg.iterations):
+            # Time-based saves only at log steps, decided by process 0 so every process saves together.
+            due = done % int(cfg.log_every_steps) == 0 and sharding.broadcast_flag(
+                time.time() - last_save > cfg.checkpoint_every_secs)
+            if done % int(cfg.checkpoint_every_steps) == 0 or due or done == cfg.iterations:
                 ckpt.save(manager, done, state)
                 last_save = time.time()
     finally:
         bar.close()
         manager.wait_until_finished()
-    pixels = np.asarray(denormalize(state.images, source.mean, source.std)).clip(0, 1)
-    pixels = pixels.reshape(C * m, *pixels.shape[2:])
-    weights = (bc["weights"] * m).reshape(-1).astype(np.float32)
+    rows = sharding.local_class_rows(state.images, C)
+    pixels = np.clip(np.asarray(denormalize(np.stack([rows[k] for k in classes]), source.mean, source.std)), 0, 1)
+    pixels = pixels.reshape(len(classes) * m, *pixels.shape[2:])
     os.makedirs(out_dir, exist_ok=True)
-    np.savez(out_file + ".tmp.npz", images=pixels, labels=np.repeat(np.arange(C), m).astype(np.int32),
-             weights=weights, method=np.array(method_name(config)))
-    os.replace(out_file + ".tmp.npz", out_file)
-    save_grid(pixels.reshape(C, m, *pixels.shape[1:]), os.path.join(out_dir, "grid.png"))
-    print(f"recover: {C * m} images in {time.time() - t0:.0f} s -> {out_file}")
+    _write_npz(mine, images=pixels, labels=np.repeat(np.asarray(classes), m).astype(np.int32),
+               weights=(bc["weights"] * m).reshape(-1).astype(np.float32), method=np.array(method_name(config)))
+    sharding.sync("wmdd_jax recover: shards written")
+    if multi and jax.process_index() == 0:
+        _join_shards(out_dir, out_file)
+    if os.path.exists(out_file):
+        with np.load(out_file) as z:
+            save_grid(z["images"].reshape(C, m, *pixels.shape[1:]), os.path.join(out_dir, "grid.png"))
+    print(f"recover: {len(classes) * m} images in {time.time() - t0:.0f} s -> {mine}")
     return pixels
+
+
+def _join_shards(out_dir: str, out_file: str) -> None:
+    """Process 0: one ``images.npz`` from every process's shard, when all are visible here."""
+    paths = sorted(glob.glob(os.path.join(out_dir, f"images.process*-of-{jax.process_count():03d}.npz")))
+    if len(paths) != jax.process_count():
+        print(f"recover: {len(paths)} of {jax.process_count()} image shards visible in {out_dir}; join them "
+              f"there (a shared work directory does it by itself)")
+        return
+    parts = [dict(np.load(p)) for p in paths]
+    order = np.argsort(np.concatenate([p["labels"] for p in parts]), kind="stable")
+    joined = {key: np.concatenate([p[key] for p in parts])[order] for key in ("images", "labels", "weights")}
+    _write_npz(out_file, **joined, method=parts[0]["method"])
 
 
 def save_grid(images: np.ndarray, path: str, max_columns: int = 10, scale: int = 2) -> None:

@@ -24,16 +24,16 @@ def _stages():
     from wmdd_jax import distill
     from wmdd_jax.evaluate import evaluate
     from wmdd_jax.interop.export import export
-    from wmdd_jax.pipeline import run_all
+    from wmdd_jax.pipeline import pretrain_stage, process_zero_only, run_all, run_distill
     from wmdd_jax.relabel import relabel
-    from wmdd_jax.teacher import pretrain
 
-    return {"pretrain": pretrain, "statistics": distill.statistics, "barycenter": distill.barycenter,
-            "recover": distill.recover, "relabel": relabel, "evaluate": evaluate, "all": run_all,
-            "export": export}
+    return {"pretrain": pretrain_stage, "statistics": distill.statistics, "barycenter": distill.barycenter,
+            "recover": distill.recover, "relabel": process_zero_only(relabel),
+            "evaluate": process_zero_only(evaluate), "all": run_all, "distill": run_distill,
+            "export": process_zero_only(export)}
 
 
-STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all", "export")
+STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all", "distill", "export")
 
 
 def _fail(message: str) -> None:
@@ -70,6 +70,9 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
+        from wmdd_jax.sharding import initialize_distributed
+
+        initialize_distributed(config)  # before any computation; a no-op unless asked for
         _stages()[argv[1]](config, FLAGS.workdir)
     except UserError as e:
         _fail(str(e))

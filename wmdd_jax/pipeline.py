@@ -1,24 +1,62 @@
-"""Stage ``all``: pretrain -> statistics -> barycenter -> recover -> (relabel) -> evaluate."""
+"""Stages ``all`` (pretrain -> statistics -> barycenter -> recover -> (relabel) -> evaluate) and
+``distill`` (statistics -> barycenter -> recover), and the rule for several processes.
+
+On several processes (``jax.distributed``) the distillation stages run on every process, each
+on its own classes; ``pretrain`` needs a finished teacher (train it on one host first, or pass
+``--config.teacher.checkpoint``); ``relabel``, ``evaluate`` and ``export`` run on process 0 alone.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
+import jax
+
 from wmdd_jax import distill
+from wmdd_jax.errors import UserError
 from wmdd_jax.evaluate import evaluate
 from wmdd_jax.relabel import relabel
 from wmdd_jax.teacher import pretrain
 
 
+def pretrain_stage(config, workdir):
+    finished = config.teacher.checkpoint or os.path.exists(os.path.join(workdir, "teacher", "result.json"))
+    if jax.process_count() > 1 and not finished:
+        raise UserError("a multi-process run needs a finished teacher: run 'pretrain' on one host first, or pass "
+                        "--config.teacher.checkpoint=DIR")
+    return pretrain(config, workdir)
+
+
+def process_zero_only(stage):
+    """``stage`` on process 0; the other processes skip it."""
+    @functools.wraps(stage)
+    def run(config, workdir):
+        if jax.process_index() == 0:
+            return stage(config, workdir)
+        return None
+    return run
+
+
+def run_distill(config, workdir):
+    """statistics -> barycenter -> recover (the stages every host runs on its classes)."""
+    return _run(config, workdir, [("statistics", distill.statistics), ("barycenter", distill.barycenter),
+                                  ("recover", distill.recover)])
+
+
 def run_all(config, workdir):
     """Every stage in order; each skips itself when its outputs exist. Wall times -> timings.json."""
-    stages = [("pretrain", pretrain), ("statistics", distill.statistics), ("barycenter", distill.barycenter),
-              ("recover", distill.recover)]
+    stages = [("pretrain", pretrain_stage), ("statistics", distill.statistics),
+              ("barycenter", distill.barycenter), ("recover", distill.recover)]
     if "soft" in config.eval.label_modes and config.eval.soft.relabel == "stored":
-        stages.append(("relabel", relabel))
-    stages.append(("evaluate", evaluate))
+        stages.append(("relabel", process_zero_only(relabel)))
+    stages.append(("evaluate", process_zero_only(evaluate)))
+    return _run(config, workdir, stages)
+
+
+def _run(config, workdir, stages):
     path = os.path.join(workdir, "timings.json")
     timings = {}
     if os.path.exists(path):
@@ -29,6 +67,7 @@ def run_all(config, workdir):
         stage(config, workdir)
         # The first completion is recorded; a rerun that finds the outputs skips and keeps it.
         timings.setdefault(name, round(time.time() - t0, 1))
-        with open(path, "w") as f:
-            json.dump(timings, f, indent=1)
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(timings, f, indent=1)
 

@@ -10,7 +10,6 @@ online alternative (``"online"``) runs the teacher in the loop on the same batch
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -31,7 +30,7 @@ def store_soft_labels(teacher, spec, images: np.ndarray, mean, std, data_seed: i
     batch_size, total_steps = batch_plan(len(images), spec)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
-    @functools.partial(jax.jit, static_argnums=())
+    @jax.jit
     def logits_at(batch, rng, step):
         x = augmented_input(spec, batch, mean, std, rng, step)
         return teacher.model.apply(teacher.variables, x, train=False).astype(np.float16)

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-WORKDIR ?= $(HOME)/wmdd-runs/fashion_mnist
+WORKDIR ?= $(HOME)/wmdd-runs/fashion_mnist_quick
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 TORCH_WHEELS ?= /opt/wheels
 
@@ -29,9 +29,8 @@ data:
 	fi
 
 demo: setup data
-	$(BIN)/python -m wmdd_jax pretrain --config=configs/fashion_mnist.py --workdir=$(WORKDIR)
-	$(BIN)/python -m wmdd_jax evaluate --config=configs/fashion_mnist.py --workdir=$(WORKDIR) \
-	  --config.eval.source=random_real --config.eval.label_modes="('hard','soft')"
+	$(BIN)/python -m wmdd_jax all --config=configs/fashion_mnist.py:quick --workdir=$(WORKDIR)
+	@echo "images: $(WORKDIR)/synthetic/grid.png  results: $(WORKDIR)/eval/summary.jsonl  stage times: $(WORKDIR)/timings.json"
 
 test: setup
 	$(BIN)/python -m pytest -q

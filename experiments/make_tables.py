@@ -40,14 +40,27 @@ def throughput_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    rows = sorted(rows, key=lambda r: (r["classes"], r["devices"]))
+    lines = ["| classes (x IPC 2, 16 px) | simulated devices | padded classes | synthesis step s (median) "
+             "| per-device MiB (XLA) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['classes']} | {r['devices']} | {r['padded_classes']} | {r['step_s_median']:.3f} "
+                     f"| {r['per_device_peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    acc, speed = [], []
+    acc, speed, scaling = [], [], []
     for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "results", "*.jsonl"))):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         acc += [r for r in rows if r.get("metric") == "test_accuracy"]
         speed += [r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]
-    body = "\n\n".join(t for t in (accuracy_table(acc), throughput_table(speed)) if t)
+        scaling += [r for r in rows if r.get("benchmark") == "synthesis_scaling"]
+    body = "\n\n".join(t for t in (accuracy_table(acc), throughput_table(speed), scaling_table(scaling)) if t)
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()

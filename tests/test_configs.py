@@ -28,3 +28,13 @@ def test_config_is_consistent(name):
     with pytest.raises(AttributeError):
         config.lock()
         config.no_such_key = 1
+
+
+def test_quick_fashion_mnist_variant_only_shrinks_budgets():
+    from configs import fashion_mnist
+
+    full, quick = fashion_mnist.get_config(), fashion_mnist.get_config("quick")
+    assert quick.teacher.epochs < full.teacher.epochs and quick.synthesis.iterations < full.synthesis.iterations
+    assert quick.synthesis.lr == full.synthesis.lr and quick.eval.soft.epochs == full.eval.soft.epochs
+    with pytest.raises(ValueError, match="unknown variant"):
+        fashion_mnist.get_config("fast")

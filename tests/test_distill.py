@@ -151,6 +151,27 @@ def test_all_stages_from_the_command_line(tmp_path):
     again = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
     assert again.returncode == 0 and "recover:" not in again.stdout
 
+    # The random-real baseline from the same teacher, through the evaluate stage.
+    baseline = [*overrides, "--config.eval.source=random_real", "--config.eval.label_modes=('soft',)",
+                "--config.eval.soft.relabel=online"]
+    out = cli("evaluate", "--config=configs/fashion_mnist.py", *baseline, workdir=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "eval" / "summary.jsonl") as f:
+        row = [json.loads(line) for line in f][-1]
+    assert (row["method"], row["label_mode"], row["ipc"], row["n_seeds"]) == ("random_real", "soft", 2, 1)
+    assert set(row) >= {"dataset", "model", "metric", "mean", "std", "command", "date"}
+    assert "python -m wmdd_jax evaluate" in row["command"]
+    with open(tmp_path / "teacher" / "result.json") as f:
+        assert json.load(f)["test_accuracy"] > 10.0
+
+    # A corrupt teacher checkpoint ends in one line, no traceback.
+    for root, _, files in os.walk(tmp_path / "teacher" / "final"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\0")
+    out = cli("evaluate", "--config=configs/fashion_mnist.py", *baseline, workdir=str(tmp_path))
+    assert out.returncode == 2 and "cannot be restored" in out.stderr and "Traceback" not in out.stderr
+
 
 def test_padded_classes_change_nothing():
     """Empty classes with a zero mask (the padding of a class axis split over devices) add nothing."""

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import FMNIST_SUBSET, ROOT, tiny_config
 from wmdd_jax import sharding
 
-ITERATIONS = 60
+ITERATIONS = 40
 OVERRIDES = [  # the CLI equivalent of _config() below
     "--config=configs/fashion_mnist.py", f"--config.data.data_dir={FMNIST_SUBSET}", "--config.teacher.width=8",
     "--config.teacher.epochs=2", "--config.teacher.batch_size=32", "--config.ipc=2",

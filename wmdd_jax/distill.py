@@ -155,7 +155,12 @@ def load_statistics(folder: str, classes) -> ClassStatistics:
 
 def _owned(config, num_classes: int) -> list[int]:
     """The classes this process works on: its devices' share of the class axis."""
-    return sharding.owned_classes(num_classes, sharding.make_mesh(config.mesh))
+    mesh = sharding.make_mesh(config.mesh)
+    classes = sharding.owned_classes(num_classes, mesh)
+    if not classes:
+        raise UserError(f"process {jax.process_index()} owns none of the {num_classes} classes on a mesh of "
+                        f"{mesh.size} devices; use fewer devices (--config.mesh.shape)")
+    return classes
 
 
 def statistics(config, workdir: str) -> ClassStatistics:
@@ -415,7 +420,7 @@ def recover(config, workdir: str) -> np.ndarray:
     source = load_split(config.data, "train")
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)
-    classes = sharding.owned_classes(C, mesh)
+    classes = _owned(config, C)
     C_pad = sharding.num_padded_classes(C, mesh)
     stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
     bc = barycenter(config, workdir)

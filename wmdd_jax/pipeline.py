@@ -23,6 +23,7 @@ from wmdd_jax.teacher import pretrain
 
 
 def pretrain_stage(config, workdir):
+    """``pretrain``; on several processes only the reuse of a finished teacher (no distributed training)."""
     finished = config.teacher.checkpoint or os.path.exists(os.path.join(workdir, "teacher", "result.json"))
     if jax.process_count() > 1 and not finished:
         raise UserError("a multi-process run needs a finished teacher: run 'pretrain' on one host first, or pass "

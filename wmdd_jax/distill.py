@@ -177,8 +177,9 @@ def statistics(config, workdir: str) -> ClassStatistics:
     stats = class_statistics(teacher, source, classes=classes, seed=config.seed,
                              max_features_per_class=config.barycenter.max_features_per_class)
     save_statistics(stats, folder)
-    print(f"statistics: {sum(len(i) for i in stats.indices)} images of {len(classes)} classes, "
-          f"{len(stats.bn_mean)} BN layers, {stats.features[0].shape[1]}-d features ({time.time() - t0:.0f} s)")
+    print(f"statistics: {sum(len(source.class_indices(k)) for k in classes)} images of {len(classes)} classes, "
+          f"{len(stats.bn_mean)} BN layers, {stats.features[0].shape[1]}-d features, "
+          f"{sum(len(f) for f in stats.features)} kept ({time.time() - t0:.0f} s)")
     return stats
 
 

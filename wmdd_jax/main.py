@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax.errors import UserError
@@ -68,6 +68,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         _fail("--workdir is required: a folder for this run's checkpoints and results")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
+    logging.set_verbosity(logging.WARNING)  # absl INFO (backend probing, orbax) would bury our output
     os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
         from wmdd_jax.sharding import initialize_distributed

@@ -13,19 +13,18 @@ import json
 import os
 import time
 
-import jax
-
 from wmdd_jax import distill
 from wmdd_jax.errors import UserError
 from wmdd_jax.evaluate import evaluate
 from wmdd_jax.relabel import relabel
+from wmdd_jax.sharding import process_count, process_index
 from wmdd_jax.teacher import pretrain
 
 
 def pretrain_stage(config, workdir):
     """``pretrain``; on several processes only the reuse of a finished teacher (no distributed training)."""
     finished = config.teacher.checkpoint or os.path.exists(os.path.join(workdir, "teacher", "result.json"))
-    if jax.process_count() > 1 and not finished:
+    if process_count() > 1 and not finished:
         raise UserError("a multi-process run needs a finished teacher: run 'pretrain' on one host first, or pass "
                         "--config.teacher.checkpoint=DIR")
     return pretrain(config, workdir)
@@ -35,7 +34,7 @@ def process_zero_only(stage):
     """``stage`` on process 0; the other processes skip it."""
     @functools.wraps(stage)
     def run(config, workdir):
-        if jax.process_index() == 0:
+        if process_index() == 0:
             return stage(config, workdir)
         return None
     return run
@@ -68,7 +67,7 @@ def _run(config, workdir, stages):
         stage(config, workdir)
         # The first completion is recorded; a rerun that finds the outputs skips and keeps it.
         timings.setdefault(name, round(time.time() - t0, 1))
-        if jax.process_index() == 0:
+        if process_index() == 0:
             with open(path, "w") as f:
                 json.dump(timings, f, indent=1)
 

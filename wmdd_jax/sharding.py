@@ -54,6 +54,15 @@ def initialize_distributed(config) -> bool:
     return jax.process_count() > 1
 
 
+def process_index() -> int:
+    """``jax.process_index()`` without starting a backend when no distributed run was set up."""
+    return jax.process_index() if jax.distributed.is_initialized() else 0
+
+
+def process_count() -> int:
+    return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
 def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
     """A ``Mesh`` of ``mesh_config.shape`` (one ``-1`` entry: the devices left) over ``mesh_config.axes``."""
     devices = list(jax.devices() if devices is None else devices)

@@ -38,6 +38,15 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
                         f"{str(e).splitlines()[0][:200]}); delete that folder to start the stage over") from e
 
 
+def write_npz(path: str, **arrays) -> None:
+    """``np.savez`` made atomic: a reader (or a resumed run) never sees half a file."""
+    import numpy as np
+
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def save_tree(path: str, tree: Any) -> None:
     """Writes one pytree (e.g. final model variables) to ``path``, replacing what is there."""
     with ocp.StandardCheckpointer() as checkpointer:

@@ -114,13 +114,6 @@ def _class_file(folder: str, k: int) -> str:
     return os.path.join(folder, f"class_{k:05d}.npz")
 
 
-def _write_npz(path: str, **arrays) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def save_statistics(stats: ClassStatistics, folder: str) -> None:
     """One file per class held (a process writes only the classes it owns)."""
     os.makedirs(folder, exist_ok=True)
@@ -128,7 +121,7 @@ def save_statistics(stats: ClassStatistics, folder: str) -> None:
         arrays = {"features": stats.features[i], "indices": stats.indices[i]}
         arrays.update({f"mean/{layer}": v[i] for layer, v in stats.bn_mean.items()})
         arrays.update({f"var/{layer}": v[i] for layer, v in stats.bn_var.items()})
-        _write_npz(_class_file(folder, k), **arrays)
+        ckpt.write_npz(_class_file(folder, k), **arrays)
 
 
 def load_statistics(folder: str, classes) -> ClassStatistics:
@@ -153,9 +146,8 @@ def load_statistics(folder: str, classes) -> ClassStatistics:
                            {k: np.stack(v) for k, v in variances.items()})
 
 
-def _owned(config, num_classes: int) -> list[int]:
+def _owned(mesh, num_classes: int) -> list[int]:
     """The classes this process works on: its devices' share of the class axis."""
-    mesh = sharding.make_mesh(config.mesh)
     classes = sharding.owned_classes(num_classes, mesh)
     if not classes:
         raise UserError(f"process {jax.process_index()} owns none of the {num_classes} classes on a mesh of "
@@ -169,7 +161,7 @@ def statistics(config, workdir: str) -> ClassStatistics:
 
     folder = os.path.join(workdir, STATS_DIR)
     source = load_split(config.data, "train")
-    classes = _owned(config, source.num_classes)
+    classes = _owned(sharding.make_mesh(config.mesh), source.num_classes)
     if all(os.path.exists(_class_file(folder, k)) for k in classes):
         return load_statistics(folder, classes)
     teacher = load_teacher(config, workdir)
@@ -228,7 +220,7 @@ def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
     """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged)."""
     folder = os.path.join(workdir, BARYCENTER_DIR)
     source = load_split(config.data, "train")
-    classes = _owned(config, source.num_classes)
+    classes = _owned(sharding.make_mesh(config.mesh), source.num_classes)
     if all(os.path.exists(_class_file(folder, k)) for k in classes):
         out = load_barycenters(folder, classes)
         if out["support"].shape[1] == config.ipc:
@@ -239,9 +231,9 @@ def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
     t0 = time.time()
     res = compute_barycenters(stats, config.ipc, config.barycenter, config.seed, source.num_classes)
     os.makedirs(folder, exist_ok=True)
+    out = {key: np.asarray(getattr(res, key)) for key in BARYCENTER_KEYS}
     for i, k in enumerate(classes):
-        _write_npz(_class_file(folder, k), **{key: np.asarray(getattr(res, key))[i] for key in BARYCENTER_KEYS})
-    out = load_barycenters(folder, classes)
+        ckpt.write_npz(_class_file(folder, k), **{key: v[i] for key, v in out.items()})
     print(f"barycenter: {len(classes)} classes x {config.ipc} points, mean W2^2 {out['cost'].mean():.4g} "
           f"({time.time() - t0:.0f} s)")
     return out
@@ -340,9 +332,9 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * image_mask) / (g * m)
 
     class_group = jnp.arange(C) // g
+    group_has_class = jax.ops.segment_sum(mask, class_group, groups) > 0  # False: a group of padding only
     sq = jnp.sum(jnp.square(features - targets.support.reshape(C * m, -1)), axis=-1).reshape(C, m).sum(1)
-    feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq * mask, class_group, groups) + 1e-12)
-                      * (jax.ops.segment_sum(mask, class_group, groups) > 0))
+    feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq * mask, class_group, groups) + 1e-12) * group_has_class)
 
     bn = 0.0
     local = jnp.repeat(jnp.arange(C), m)  # position of each image's class among those given
@@ -355,7 +347,7 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
         else:  # SRe2L: each batch's statistics against the teacher's running statistics
             mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups, weights=image_mask)
             per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)
-            bn += weight * jnp.sum(per * (jax.ops.segment_sum(mask, class_group, groups) > 0))
+            bn += weight * jnp.sum(per * group_has_class)
     feature_term = feature if cfg.use_barycenter else 0.0
     total = cfg.r_wb * ce + feature_term + cfg.r_bn * bn
     return total, {"ce": ce, "feature": feature, "bn": bn}
@@ -421,7 +413,7 @@ def recover(config, workdir: str) -> np.ndarray:
     source = load_split(config.data, "train")
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)
-    classes = _owned(config, C)
+    classes = _owned(mesh, C)
     C_pad = sharding.num_padded_classes(C, mesh)
     stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
     bc = barycenter(config, workdir)
@@ -484,7 +476,7 @@ def recover(config, workdir: str) -> np.ndarray:
     pixels = np.clip(np.asarray(denormalize(np.stack([rows[k] for k in classes]), source.mean, source.std)), 0, 1)
     pixels = pixels.reshape(len(classes) * m, *pixels.shape[2:])
     os.makedirs(out_dir, exist_ok=True)
-    _write_npz(mine, images=pixels, labels=np.repeat(np.asarray(classes), m).astype(np.int32),
+    ckpt.write_npz(mine, images=pixels, labels=np.repeat(np.asarray(classes), m).astype(np.int32),
                weights=(bc["weights"] * m).reshape(-1).astype(np.float32), method=np.array(method_name(config)))
     sharding.sync("wmdd_jax recover: shards written")
     if multi and jax.process_index() == 0:
@@ -506,7 +498,7 @@ def _join_shards(out_dir: str, out_file: str) -> None:
     parts = [dict(np.load(p)) for p in paths]
     order = np.argsort(np.concatenate([p["labels"] for p in parts]), kind="stable")
     joined = {key: np.concatenate([p[key] for p in parts])[order] for key in ("images", "labels", "weights")}
-    _write_npz(out_file, **joined, method=parts[0]["method"])
+    ckpt.write_npz(out_file, **joined, method=parts[0]["method"])
 
 
 def save_grid(images: np.ndarray, path: str, max_columns: int = 10, scale: int = 2) -> None:

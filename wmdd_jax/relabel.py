@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from wmdd_jax import checkpoint as ckpt
 from wmdd_jax.data import load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.train import augmented_input, batch_indices, batch_plan, data_key
@@ -58,9 +59,8 @@ def relabel(config, workdir: str) -> str:
     t0 = time.time()
     logits = store_soft_labels(teacher, config.eval.soft, data.images, data.mean, data.std,
                                config.eval.relabel_seed)
-    np.savez(path + ".tmp.npz", logits=logits, data_seed=config.eval.relabel_seed,
-             epochs=config.eval.soft.epochs, batch_size=logits.shape[1], num_images=len(data))
-    os.replace(path + ".tmp.npz", path)
+    ckpt.write_npz(path, logits=logits, data_seed=config.eval.relabel_seed, epochs=config.eval.soft.epochs,
+                   batch_size=logits.shape[1], num_images=len(data))
     print(f"relabel: {logits.shape[0]} steps x {logits.shape[1]} soft labels "
           f"({logits.nbytes / 2**20:.1f} MiB, {time.time() - t0:.0f} s)")
     return path

@@ -3,6 +3,13 @@
 The device count is fixed when jax starts, so the runs go to fresh interpreters with
 XLA_FLAGS=--xla_force_host_platform_device_count=N; the 2-process run uses jax.distributed on
 127.0.0.1 with gloo CPU collectives, is killed after its first checkpoint, and is restarted.
+
+"Same images" means: equal to float tolerance over a short run. Per-device batch shapes change XLA's
+summation order, so a sharded step differs from the 1-device step by ~1e-5; the synthesis objective
+then amplifies any such difference (Adam's early steps on pixels are close to lr * sign(gradient), and
+the BN term is a norm). Measured on one device alone, 1e-6 of noise on the initial images grows to
+0.05 after 20 steps and 0.07 after 40; 8 devices against 1 differ by 1.3e-5 after 20 steps and by up
+to 0.07 after 40. So the runs here stop at 20 steps, where the gap is still round-off.
 """
 
 import os
@@ -20,7 +27,8 @@ import pytest
 from tests.conftest import FMNIST_SUBSET, ROOT, tiny_config
 from wmdd_jax import sharding
 
-ITERATIONS = 40
+ITERATIONS = 20
+ATOL = 5e-4  # an eighth of one 8-bit grey level; measured gaps are 1.3e-5 (20 steps, this machine)
 OVERRIDES = [  # the CLI equivalent of _config() below
     "--config=configs/fashion_mnist.py", f"--config.data.data_dir={FMNIST_SUBSET}", "--config.teacher.width=8",
     "--config.teacher.epochs=2", "--config.teacher.batch_size=32", "--config.ipc=2",
@@ -96,16 +104,13 @@ def test_mesh_from_config_and_class_ownership():
         sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
 
 
-@pytest.mark.xfail(reason="sharded and 1-device images differ by 3e-5 after 1-3 steps (float order) and by up "
-                   "to 0.21 after 40 (deterministic, not checkpoint-related; likely Adam amplifying noise on "
-                   "near-zero gradients); the test needs a fair tolerance or step count: open in issue 5",
-                   strict=False)
 def test_eight_devices_give_the_one_device_images(prepared):
     """10 classes padded to 16 over 8 devices, and a 2 x 4 mesh: the images of one device."""
     _, images = prepared
     assert images["one"].shape == (20, 28, 28, 1)
-    np.testing.assert_allclose(images["eight"], images["one"], atol=2e-5)
-    np.testing.assert_allclose(images["two_axes"], images["one"], atol=2e-5)
+    np.testing.assert_allclose(images["eight"], images["one"], atol=ATOL)
+    # The same per-device blocks on a (2, 4) mesh as on (8,): the same computation, to the last bits.
+    np.testing.assert_allclose(images["two_axes"], images["eight"], atol=1e-6)
 
 
 def _free_port() -> int:
@@ -126,10 +131,6 @@ def _launch(workdir, port, logs):
     return procs
 
 
-@pytest.mark.xfail(reason="sharded and 1-device images differ by 3e-5 after 1-3 steps (float order) and by up "
-                   "to 0.21 after 40 (deterministic, not checkpoint-related; likely Adam amplifying noise on "
-                   "near-zero gradients); the test needs a fair tolerance or step count: open in issue 5",
-                   strict=False)
 def test_two_processes_killed_and_restarted_give_the_single_process_images(prepared, tmp_path):
     root, images = prepared
     workdir = tmp_path / "work"
@@ -165,5 +166,8 @@ def test_two_processes_killed_and_restarted_give_the_single_process_images(prepa
             assert sorted(set(z["labels"].tolist())) == owned[pid]
     assert "bn=nan" not in logs[0]
     with np.load(workdir / "synthetic" / "images.npz") as z:
-        np.testing.assert_allclose(z["images"], images["one"], atol=2e-5)
+        np.testing.assert_allclose(z["images"], images["one"], atol=ATOL)
+        # Against the uninterrupted 8-device run (measured gap 3e-7: each process computed the
+        # statistics of its own classes, in batches of other sizes).
+        np.testing.assert_allclose(z["images"], images["eight"], atol=1e-5)
         np.testing.assert_array_equal(z["labels"], np.repeat(np.arange(10), 2))

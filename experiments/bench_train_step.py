@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -40,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--no-synthesis", action="store_true")
     p.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
                    help="'tuned' applies tune_host_allocator() before jax starts")
+    p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU",
+                   help="what the results row says of the machine, e.g. whether other jobs shared it")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_train_step.jsonl"))
     return p.parse_args(argv)
 
@@ -260,7 +263,7 @@ def main(args):
                 "images_per_s": round(float(np.median(rates)), 1), "repeats": len(rates),
                 "min_max_images_per_s": [round(min(rates), 1), round(max(rates), 1)],
                 "host_allocator": args.host_allocator,
-                "command": command.strip(), "date": "2026-11-25", "machine": "2-core CPU, shared",
+                "command": command.strip(), "date": datetime.date.today().isoformat(), "machine": args.machine,
             }
             f.write(json.dumps(record) + "\n")
             print(f"{c.benchmark:15s} {c.impl:9s} {c.norm:9s} batch {c.batch:4d}: "

@@ -25,6 +25,8 @@ def train_spec(**overrides) -> ml_collections.ConfigDict:
             flip=False,             # random horizontal flips
             crop_scale=ml_collections.config_dict.placeholder(tuple),  # (lo, hi): random-resized crop
             shift=0,                # px of random shift (pad + crop)
+            cutmix=0.0,             # probability of CutMix per batch (soft labels only); 0 = off
+            cutmix_beta=1.0,        # CutMix's Beta(beta, beta) for the kept area
         )),
         label_mode="hard",      # hard: cross-entropy | soft: KL to the teacher's logits
         temperature=20.0,       # soft labels: KD temperature

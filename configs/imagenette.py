@@ -1,7 +1,8 @@
 """ImageNette (10 ImageNet classes, 224 px): the official WMDD recipe (DESIGN.md, Stages 1, 4, 5).
 
 Teacher: ResNet-18 (ImageNet stem), SGD 0.025, momentum 0.9, wd 1e-4, batch 32, cosine, 50 epochs.
-Synthesis: 2000 iterations, Adam lr 0.25, r_bn 10, r_wb 1. Students: ResNet-18, soft labels.
+Synthesis: 2000 iterations, Adam lr 0.25, r_bn 10, r_wb 1. Students: ResNet-18, soft labels of
+crop + flip + CutMix batches.
 """
 
 from configs import default
@@ -19,6 +20,7 @@ def get_config():
     config.synthesis.crop_scale = (0.08, 1.0)
     config.eval.models = ("resnet18",)
     config.eval.label_modes = ("soft",)
+    config.eval.soft.augment.cutmix = 1.0  # SRe2L / official relabel: CutMix (Beta(1, 1)) on every batch
     for spec in (config.eval.soft, config.eval.hard):
         spec.stem = "imagenet"
     return config

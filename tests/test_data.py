@@ -63,3 +63,23 @@ def test_augmentations_under_jit():
         assert np.allclose(a, b) or np.allclose(a, b[:, ::-1])
     shifted = augment.random_shift(jax.random.key(4), x, 2)
     assert shifted.shape == x.shape
+
+
+def test_cutmix_pastes_one_box_from_a_permuted_batch():
+    n = 8
+    x = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None, None], (n, 16, 16, 1))
+    mixed = np.asarray(jax.jit(lambda r: augment.augment_batch(r, x, cutmix_prob=1.0))(jax.random.key(5)))
+    # Every pixel of image i is i or its partner's value j, one j per image, and each j is used once.
+    partners = []
+    for i in range(n):
+        values = set(np.unique(mixed[i]).tolist())
+        assert i in values and len(values) <= 2
+        partners.append(max(values - {i}, default=i))
+    assert sorted(partners) == list(range(n))
+    # The pasted region is the same axis-aligned box in every image.
+    boxes = [mixed[i, ..., 0] != i for i in range(n) if partners[i] != i]
+    assert boxes and all((b == boxes[0]).all() for b in boxes)
+    rows, cols = np.nonzero(boxes[0])
+    assert boxes[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    # Probability 0 (or a batch that draws no CutMix) leaves the images alone.
+    np.testing.assert_array_equal(augment.cutmix(jax.random.key(5), x, prob=0.0), x)

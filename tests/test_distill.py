@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import tiny_config
 from wmdd_jax import distill, relabel
+from wmdd_jax.checkpoint import write_npz
+from wmdd_jax.errors import UserError
 from wmdd_jax.data import load_split, normalize
 from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
 from wmdd_jax.teacher import load_teacher, pretrain
@@ -116,7 +118,8 @@ def test_stored_soft_labels_are_the_online_teacher(distilled):
     teacher = load_teacher(config, workdir)
     source = load_split(config.data, "train")
     images, _ = source.get(np.arange(0, 400, 20))
-    spec = config.eval.soft
+    spec = config.eval.soft.copy_and_resolve_references()
+    spec.augment.cutmix = 1.0  # the ImageNet configs' relabel: crop + flip + CutMix
     logits = relabel.store_soft_labels(teacher, spec, images, source.mean, source.std, data_seed=4, verbose=False)
     batch_size, steps = batch_plan(len(images), spec)
     assert logits.shape == (steps, batch_size, 10) and logits.dtype == np.float16
@@ -125,6 +128,14 @@ def test_stored_soft_labels_are_the_online_teacher(distilled):
         x = augmented_input(spec, images[idx], np.float32(source.mean), np.float32(source.std), data_key(4), step)
         online = teacher.model.apply(teacher.variables, x, train=False)
         np.testing.assert_allclose(logits[step], online, rtol=2e-3, atol=2e-3)
+    # Stored labels name their augmentation: a student recipe without CutMix refuses them.
+    folder = os.path.join(workdir, "stored_cutmix")
+    os.makedirs(folder)
+    write_npz(os.path.join(folder, relabel.SOFT_LABELS_FILE), logits=logits, data_seed=4, epochs=spec.epochs,
+              batch_size=batch_size, num_images=len(images), augment=relabel._augment_recipe(spec))
+    assert relabel.load_soft_labels(folder, spec, len(images))[1] == 4
+    with pytest.raises(UserError, match="augmentation"):
+        relabel.load_soft_labels(folder, config.eval.soft, len(images))
 
 
 def test_all_stages_from_the_command_line(tmp_path):

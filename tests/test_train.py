@@ -80,6 +80,14 @@ def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
     assert soft.test_accuracy > 20.0
 
 
+def test_cutmix_with_hard_labels_is_a_user_error(tmp_path, splits):
+    model = create_model("convnet3", 10, norm="instance", width=4)
+    spec = tiny_spec(epochs=1)
+    spec.augment.cutmix = 1.0
+    with pytest.raises(UserError, match="label_mode 'soft'"):
+        train(model, spec, splits[0], str(tmp_path), seed=0, verbose=False)
+
+
 def test_soft_label_loss_is_kl():
     t = np.array([[2.0, 0.0, -1.0]])
     np.testing.assert_allclose(soft_label_loss(t, t, 20.0), [0.0], atol=1e-7)

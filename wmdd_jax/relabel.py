@@ -10,6 +10,7 @@ online alternative (``"online"``) runs the teacher in the loop on the same batch
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -60,10 +61,15 @@ def relabel(config, workdir: str) -> str:
     logits = store_soft_labels(teacher, config.eval.soft, data.images, data.mean, data.std,
                                config.eval.relabel_seed)
     ckpt.write_npz(path, logits=logits, data_seed=config.eval.relabel_seed, epochs=config.eval.soft.epochs,
-                   batch_size=logits.shape[1], num_images=len(data))
+                   batch_size=logits.shape[1], num_images=len(data), augment=_augment_recipe(config.eval.soft))
     print(f"relabel: {logits.shape[0]} steps x {logits.shape[1]} soft labels "
           f"({logits.nbytes / 2**20:.1f} MiB, {time.time() - t0:.0f} s)")
     return path
+
+
+def _augment_recipe(spec) -> str:
+    """The augmentation the stored labels were made under, as canonical JSON."""
+    return json.dumps(spec.augment.to_dict(), sort_keys=True)
 
 
 def load_soft_labels(folder: str, spec, num_images: int) -> tuple[np.ndarray, int]:
@@ -75,7 +81,11 @@ def load_soft_labels(folder: str, spec, num_images: int) -> tuple[np.ndarray, in
     with np.load(path) as z:
         logits, seed = z["logits"], int(z["data_seed"])
         made_for = (int(z["epochs"]), int(z["num_images"]))
+        augment = str(z["augment"]) if "augment" in z else None
     if made_for != (int(spec.epochs), num_images):
         raise UserError(f"{path} was made for {made_for[0]} epochs over {made_for[1]} images, the recipe is "
                         f"{spec.epochs} epochs over {num_images}: delete it and rerun 'relabel'")
+    if augment is not None and augment != _augment_recipe(spec):
+        raise UserError(f"{path} was made under augmentation {augment}, the recipe's is "
+                        f"{_augment_recipe(spec)}: delete it and rerun 'relabel'")
     return logits, seed

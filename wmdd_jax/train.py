@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
 from wmdd_jax.data import Source, augment_batch, normalize
+from wmdd_jax.errors import UserError
 from wmdd_jax.models import BN_STATS
 
 
@@ -104,7 +105,8 @@ def augmented_input(spec, images, mean, std, rng, step) -> jax.Array:
     a = spec.augment
     x = normalize(images, mean, std)
     return augment_batch(jax.random.fold_in(rng, step), x, flip=bool(a.flip), crop_scale=a.crop_scale,
-                         shift=int(a.shift))
+                         shift=int(a.shift), cutmix_prob=float(a.get("cutmix", 0.0)),
+                         cutmix_beta=float(a.get("cutmix_beta", 1.0)))
 
 
 def batch_plan(num_examples: int, spec) -> tuple[int, int]:
@@ -202,6 +204,9 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     result_path = os.path.join(workdir, "result.json")
     n = len(source)
     batch_size, total_steps = batch_plan(n, spec)
+    if float(spec.augment.get("cutmix", 0.0)) > 0 and spec.label_mode != "soft":
+        raise UserError("augment.cutmix mixes images, not labels: it needs label_mode 'soft' (a teacher labels "
+                        "the mixed images); set augment.cutmix=0 for hard labels")
     if spec.label_mode == "soft" and teacher is None and stored_targets is None:
         raise ValueError("label_mode 'soft' needs a teacher or stored soft labels")
     if stored_targets is not None and stored_targets.shape[:2] != (total_steps, batch_size):

@@ -63,7 +63,28 @@ def random_shift(rng: Array, images: Array, pad: int) -> Array:
     return jax.vmap(one)(padded, offsets)
 
 
-def augment_batch(rng: Array, images: Array, *, flip: bool = False, crop_scale=None, shift: int = 0) -> Array:
+def cutmix(rng: Array, images: Array, prob: float = 1.0, beta: float = 1.0) -> Array:
+    """CutMix of a batch (Yun et al. 2019), as SRe2L's relabel applies it: with probability ``prob``
+    the batch gets one box, of area ``1 - lam`` with ``lam ~ Beta(beta, beta)`` and a uniform centre
+    (clipped to the image), filled from a random permutation of the batch.
+
+    Only the pixels are mixed: the targets come from a teacher run on the mixed images.
+    """
+    n, h, w, _ = images.shape
+    k_apply, k_lam, k_y, k_x, k_perm = jax.random.split(rng, 5)
+    lam = jax.random.beta(k_lam, beta, beta)
+    cut = jnp.sqrt(1.0 - lam)
+    cy, cx = jax.random.uniform(k_y) * h, jax.random.uniform(k_x) * w
+    rows, cols = jnp.arange(h) + 0.5, jnp.arange(w) + 0.5
+    in_rows = jnp.abs(rows - cy) < cut * h / 2
+    in_cols = jnp.abs(cols - cx) < cut * w / 2
+    box = in_rows[:, None] & in_cols[None, :] & jax.random.bernoulli(k_apply, prob)
+    partner = images[jax.random.permutation(k_perm, n)]
+    return jnp.where(box[None, :, :, None], partner, images)
+
+
+def augment_batch(rng: Array, images: Array, *, flip: bool = False, crop_scale=None, shift: int = 0,
+                  cutmix_prob: float = 0.0, cutmix_beta: float = 1.0) -> Array:
     """Applies the augmentations a config asks for, each with its own per-image draws.
 
     Args:
@@ -72,6 +93,8 @@ def augment_batch(rng: Array, images: Array, *, flip: bool = False, crop_scale=N
       flip: random horizontal flips.
       crop_scale: ``(lo, hi)`` area fraction for random-resized crop, or None.
       shift: padding in px of a random shift, 0 for none.
+      cutmix_prob: probability that the batch gets `cutmix` (last, after the per-image ones); 0: off.
+      cutmix_beta: its Beta(beta, beta) for the kept area.
     """
     k_crop, k_flip, k_shift = jax.random.split(rng, 3)
     if crop_scale is not None:
@@ -80,4 +103,6 @@ def augment_batch(rng: Array, images: Array, *, flip: bool = False, crop_scale=N
         images = random_shift(k_shift, images, shift)
     if flip:
         images = random_flip(k_flip, images)
+    if cutmix_prob > 0:
+        images = cutmix(jax.random.fold_in(rng, 3), images, cutmix_prob, cutmix_beta)
     return images

@@ -6,7 +6,8 @@ interruption). Each finished (method, IPC, label mode) cell is written at once t
 experiments/results/fashion_mnist.jsonl with its stage wall times.
 
     python experiments/fashion_mnist_wmdd.py --root ~/wmdd-runs/fmnist-wmdd \\
-        --teacher ~/wmdd-runs/fmnist/teacher [--ipcs 1 10 50] [--methods wmdd no_barycenter]
+        --teacher ~/wmdd-runs/fmnist/teacher [--ipcs 1 10 50] [--methods wmdd no_barycenter] \\
+        [--config.KEY=VALUE ...]  # overrides for every run
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wmdd", "no_barycenter"])
     parser.add_argument("--label-modes", default="('soft','hard')")
     parser.add_argument("--seeds", default="(0,1,2)")
-    parser.add_argument("--extra", nargs="*", default=[], help="more --config overrides for every run")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if any(not a.startswith("--config.") for a in extra):
+        parser.error(f"unknown arguments {[a for a in extra if not a.startswith('--config.')]}; "
+                     "besides the options above, only --config.KEY=VALUE overrides (passed to every run)")
 
     for ipc in args.ipcs:
         for method in args.methods:
             workdir = os.path.join(args.root, f"{method}_ipc{ipc}")
             overrides = [f"--config.teacher.checkpoint={args.teacher}", f"--config.ipc={ipc}",
                          f"--config.synthesis.method={method}", f"--config.eval.label_modes={args.label_modes}",
-                         f"--config.eval.seeds={args.seeds}", *METHODS[method], *args.extra]
+                         f"--config.eval.seeds={args.seeds}", *METHODS[method], *extra]
             cmd = [sys.executable, "-m", "wmdd_jax", "all", "--config=configs/fashion_mnist.py",
                    f"--workdir={workdir}", *overrides]
             print("+", " ".join(cmd), flush=True)

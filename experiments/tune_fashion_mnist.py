@@ -1,0 +1,98 @@
+"""The Fashion-MNIST synthesis search of DESIGN.md (Stage 4): lr, r_bn, r_wb, crop scale and the number
+of iterations, chosen on a validation split held out of the training set, never on the test split.
+
+One factor at a time around ``configs/fashion_mnist.py``: every candidate is the base recipe with one
+value changed, distilled at IPC 10 and scored by students with teacher soft labels on
+``--val-per-class`` training images per class that the statistics, barycenters and initial images
+never see. All candidates share one statistics + barycenter pass (those stages do not depend on the
+searched values). Resumable: rerun the same command; each finished candidate is written at once to
+experiments/results/fashion_mnist_tuning.jsonl (metric ``validation_accuracy``).
+
+    python experiments/tune_fashion_mnist.py --root ~/wmdd-runs/tune --teacher ~/wmdd-runs/fmnist/teacher \\
+        [--only NAME ...] [--config.KEY=VALUE ...]  # candidates to run; overrides for every run
+
+The teacher of the committed results was trained on the whole training split, validation images
+included; a student never sees them, but its soft labels come from a teacher that did. Pass a teacher
+trained with the same ``--config.data.validation_per_class`` to remove that leak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from wmdd_jax import results  # noqa: E402
+
+OUT = os.path.join(ROOT, "experiments", "results", "fashion_mnist_tuning.jsonl")
+SEARCH = {  # config key -> values tried (the base value is configs/fashion_mnist.py's)
+    "synthesis.lr": [0.1, 0.5],
+    "synthesis.r_bn": [1.0, 100.0],
+    "synthesis.r_wb": [0.1, 10.0],
+    "synthesis.crop_scale": ["(0.08,1.0)", "(0.8,1.0)"],
+    "synthesis.iterations": [500, 1000],
+}
+
+
+def candidates() -> list[tuple[str, list[str]]]:
+    """(name, overrides): the base, then one changed value each."""
+    out = [("base", [])]
+    for key, values in SEARCH.items():
+        out += [(f"{key.split('.')[-1]}={v}", [f"--config.{key}={v}"]) for v in values]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="one work directory per candidate goes under it")
+    parser.add_argument("--teacher", required=True, help="a finished teacher folder (from pretrain)")
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--val-per-class", type=int, default=500)
+    parser.add_argument("--seeds", default="(0,)")
+    parser.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all)")
+    parser.add_argument("--out", default=OUT, help="results file (default: the committed one)")
+    args, extra = parser.parse_known_args()
+    if any(not a.startswith("--config.") for a in extra):
+        parser.error(f"unknown arguments {[a for a in extra if not a.startswith('--config.')]}; "
+                     "besides the options above, only --config.KEY=VALUE overrides (passed to every run)")
+
+    common = [f"--config.teacher.checkpoint={args.teacher}", f"--config.ipc={args.ipc}",
+              f"--config.data.validation_per_class={args.val_per_class}", "--config.eval.split=validation",
+              "--config.eval.label_modes=('soft',)", f"--config.eval.seeds={args.seeds}", *extra]
+    shared = os.path.join(args.root, "shared")
+    run = [sys.executable, "-m", "wmdd_jax"]
+    for stage in ("statistics", "barycenter"):
+        subprocess.run([*run, stage, "--config=configs/fashion_mnist.py", f"--workdir={shared}", *common],
+                       cwd=ROOT, check=True)
+    for name, overrides in candidates():
+        if args.only is not None and name not in args.only:
+            continue
+        workdir = os.path.join(args.root, name.replace("(", "").replace(")", "").replace(",", "-"))
+        for folder in ("statistics", "barycenter"):
+            if not os.path.exists(os.path.join(workdir, folder)):
+                shutil.copytree(os.path.join(shared, folder), os.path.join(workdir, folder))
+        cmd = [*run, "all", "--config=configs/fashion_mnist.py", f"--workdir={workdir}", *common, *overrides]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        summary = [r for r in results.read_jsonl(os.path.join(workdir, "eval", "summary.jsonl"))
+                   if r["label_mode"] == "soft" and r["ipc"] == args.ipc]
+        with open(os.path.join(workdir, "timings.json")) as f:
+            timings = json.load(f)
+        shown = " ".join(["python experiments/tune_fashion_mnist.py --root ROOT --teacher TEACHER",
+                          f"--ipc {args.ipc} --val-per-class {args.val_per_class} --only '{name}'",
+                          *extra])
+        row = dict(summary[-1], metric="validation_accuracy", candidate=name, overrides=overrides,
+                   validation_per_class=args.val_per_class, command=shown, stage_seconds=timings,
+                   machine="2-core CPU")
+        results.upsert_jsonl(args.out, row, keys=(*results.KEY_FIELDS, "candidate"))
+        print(f"{name}: validation {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -477,7 +477,7 @@ def recover(config, workdir: str) -> np.ndarray:
     pixels = pixels.reshape(len(classes) * m, *pixels.shape[2:])
     os.makedirs(out_dir, exist_ok=True)
     ckpt.write_npz(mine, images=pixels, labels=np.repeat(np.asarray(classes), m).astype(np.int32),
-               weights=(bc["weights"] * m).reshape(-1).astype(np.float32), method=np.array(method_name(config)))
+                   weights=(bc["weights"] * m).reshape(-1).astype(np.float32), method=np.array(method_name(config)))
     sharding.sync("wmdd_jax recover: shards written")
     if multi and jax.process_index() == 0:
         _join_shards(out_dir, out_file)

@@ -22,7 +22,8 @@ def accuracy_table(rows: list[dict]) -> str:
     for r in rows:
         ipc = "full" if r.get("ipc") is None else r["ipc"]
         acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
+        method = r["method"] + (f" (`{r['checkpoint']}`)" if r.get("checkpoint") else "")
+        lines.append(f"| {r['dataset']} | {method} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
                      f"{acc} | {r['n_seeds']} |")
     return "\n".join(lines)
 

@@ -1,6 +1,9 @@
 """Shared fixtures: the committed Fashion-MNIST subset and tiny configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -9,6 +12,22 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_SUBSET = os.path.join(ROOT, "tests", "data", "fashion_mnist")
+
+# One compilation cache for this test session, shared with the command-line runs the tests start
+# (they inherit the environment): the same programs compiled again in another process, a resumed
+# run or a second closure load instead. Empty at the start of every session, so the suite's time is
+# that of a cold machine; a cache the caller set up is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="wmdd-jax-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+# Tests of the pipeline run plain lax.conv: it compiles about 3x faster than the CPU default
+# (Winograd), and compiling is most of a tiny test's time. tests/test_layers.py and
+# tests/test_models.py check that every implementation computes the same convolution.
+CONV_IMPL = "lax"
 
 
 @pytest.fixture
@@ -34,6 +53,7 @@ def tiny_config(workdir_data: str = FMNIST_SUBSET):
 
     config = fashion_mnist.get_config()
     config.data.data_dir = workdir_data
+    config.conv_impl = CONV_IMPL
     for spec in (config.teacher, config.eval.hard, config.eval.soft):
         spec.width = 8
         spec.epochs = 2

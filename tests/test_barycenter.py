@@ -192,7 +192,9 @@ def test_class_barycenters_match_per_class_calls():
         x, w = padded(classes[c], rows=12)
         ref = solver(False, batched=False)(x, w, keys[c])
         assert_same_rows(res.support[c], ref.support, 5e-3, f"class {c}")
-        np.testing.assert_allclose(res.cost[c], ref.cost, rtol=1e-3)
+        # Uniform weights: float32 Sinkhorn at a small epsilon amplifies rounding (here the class's
+        # points come in another order); 2e-3 measured on one machine, under 1e-3 on another.
+        np.testing.assert_allclose(res.cost[c], ref.cost, rtol=5e-3)
     # Sequential classes (jax.lax.map, the faster choice on CPU) give the same rows.
     seq = jax.jit(functools.partial(barycenter.class_barycenters, num_classes=3, num_support=M,
                                     max_class_size=12, batch_size=1))(features, labels, rng=jax.random.key(5))

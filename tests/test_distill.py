@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import CONV_IMPL, tiny_config
 from wmdd_jax import distill, relabel
 from wmdd_jax.checkpoint import write_npz
 from wmdd_jax.errors import UserError
@@ -59,7 +59,7 @@ def test_barycenter_targets(distilled):
 
 def test_loss_is_the_sum_of_official_batches():
     """All classes at once = the official loss summed over batches of `batch_size` images (whole classes)."""
-    model = create_model("convnet3", 4, norm="batch", width=4)
+    model = create_model("convnet3", 4, norm="batch", width=4, conv_impl=CONV_IMPL)
     teacher = Teacher(model, init_variables(model, jax.random.key(0), (8, 8, 1)))
     cfg = tiny_config().synthesis
     cfg.batch_size, cfg.crop_scale, cfg.flip, cfg.jitter = 4, None, False, 0  # no random draws
@@ -69,14 +69,14 @@ def test_loss_is_the_sum_of_official_batches():
     layers = ("norm0", "norm1", "norm2")
     stat = lambda k: {l: jax.random.uniform(jax.random.fold_in(k, i), (C, 4)) for i, l in enumerate(layers)}  # noqa
     targets = distill.Targets(support, stat(jax.random.key(3)), stat(jax.random.key(4)))
-    full, parts = distill.synthesis_loss(images, jax.random.key(5), teacher, targets, cfg, 8)
+    loss = jax.jit(lambda x, t, ids=None: distill.synthesis_loss(x, jax.random.key(5), teacher, t, cfg, 8, ids))
+    full, parts = loss(images, targets)
     halves = []
     for g in range(2):  # batch_size 4 = 2 classes of m = 2 images
         sl = slice(2 * g, 2 * g + 2)
         t = distill.Targets(support[sl], {k: v[sl] for k, v in targets.bn_mean.items()},
                             {k: v[sl] for k, v in targets.bn_var.items()})
-        halves.append(distill.synthesis_loss(images[sl], jax.random.key(5), teacher, t, cfg, 8,
-                                             class_ids=jnp.arange(C)[sl])[0])
+        halves.append(loss(images[sl], t, jnp.arange(C)[sl])[0])
     np.testing.assert_allclose(full, sum(halves), rtol=2e-5)
     assert all(float(v) > 0 for v in parts.values())
 
@@ -186,7 +186,7 @@ def test_all_stages_from_the_command_line(tmp_path):
 
 def test_padded_classes_change_nothing():
     """Empty classes with a zero mask (the padding of a class axis split over devices) add nothing."""
-    model = create_model("convnet3", 4, norm="batch", width=4)
+    model = create_model("convnet3", 4, norm="batch", width=4, conv_impl=CONV_IMPL)
     teacher = Teacher(model, init_variables(model, jax.random.key(0), (8, 8, 1)))
     cfg = tiny_config().synthesis
     cfg.batch_size = 6  # groups of 3 classes: the padding shares a group with a real class
@@ -205,10 +205,11 @@ def test_padded_classes_change_nothing():
         t = targets if per_class_bn else targets._replace(bn_mean={l: v[0] for l, v in targets.bn_mean.items()},
                                                           bn_var={l: v[0] for l, v in targets.bn_var.items()})
         tp = padded[1] if per_class_bn else padded[1]._replace(bn_mean=t.bn_mean, bn_var=t.bn_var)
-        (loss, parts), grad = jax.value_and_grad(distill.synthesis_loss, has_aux=True)(
-            images, jax.random.key(5), teacher, t, cfg, 8)
-        (loss_p, parts_p), grad_p = jax.value_and_grad(distill.synthesis_loss, has_aux=True)(
-            padded[0], jax.random.key(5), teacher, tp, cfg, 8, ids, mask)
+        grad_fn = jax.jit(jax.value_and_grad(
+            lambda x, tg, *ids_mask: distill.synthesis_loss(x, jax.random.key(5), teacher, tg, cfg, 8, *ids_mask),
+            has_aux=True))
+        (loss, parts), grad = grad_fn(images, t)
+        (loss_p, parts_p), grad_p = grad_fn(padded[0], tp, ids, mask)
         np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
         for k in parts:
             np.testing.assert_allclose(parts_p[k], parts[k], rtol=1e-5)

@@ -1,5 +1,7 @@
 """The layers against slow exact references: lax.conv, textbook normalisation, reshape pooling."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +25,17 @@ def lax_conv(x, kernel, stride, padding):
 
 
 def value_and_grads(f, x, kernel):
-    """Output and the gradients of <output, fixed random cotangent> w.r.t. x and kernel."""
-    y, vjp = jax.vjp(f, x, kernel)
-    g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
-    return (y,) + vjp(g)
+    """Output and the gradients of <output, fixed random cotangent> w.r.t. x and kernel.
+
+    Jitted: one compile, where op-by-op execution compiles every primitive of the backward alone.
+    """
+    @jax.jit
+    def run(x, kernel):
+        y, vjp = jax.vjp(f, x, kernel)
+        g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+        return (y,) + vjp(g)
+
+    return run(x, kernel)
 
 
 CONV_CASES = [
@@ -76,8 +85,8 @@ def test_winograd_conv_second_order():
     def grad_norm(conv):
         return jax.grad(lambda k: jnp.sum(jnp.square(jax.grad(lambda a: jnp.sum(jnp.sin(conv(a, k))))(x))))
 
-    assert_close(grad_norm(lambda a, k: layers.winograd_conv(a, k, 1))(kernel),
-                 grad_norm(lambda a, k: lax_conv(a, k, 1, 1))(kernel))
+    assert_close(jax.jit(grad_norm(lambda a, k: layers.winograd_conv(a, k, 1)))(kernel),
+                 jax.jit(grad_norm(lambda a, k: lax_conv(a, k, 1, 1)))(kernel))
 
 
 @pytest.mark.parametrize("impl", ["winograd", "im2col"])
@@ -89,7 +98,7 @@ def test_conv_module_implementations_share_parameters(impl, k, stride, padding, 
     variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)  # non-zero bias
     assert variables["params"]["kernel"].shape == (k, k, cin, 6)
     conv = layers.Conv(6, k, stride, padding, conv_impl=impl)
-    assert_close(conv.apply(variables, x), ref.apply(variables, x))
+    assert_close(jax.jit(conv.apply)(variables, x), jax.jit(ref.apply)(variables, x))
 
 
 def test_resolve_conv_impl():
@@ -138,10 +147,14 @@ def test_normalize_gradients_match_autodiff(axes):
         var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
         return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
 
-    got_out, got_vjp = jax.vjp(lambda *a: layers._normalize(*a, axes, 1e-5), x, scale, bias)
-    want_out, want_vjp = jax.vjp(textbook, x, scale, bias)
-    cotangents = tuple(jax.random.normal(jax.random.PRNGKey(12 + i), o.shape) for i, o in enumerate(want_out))
-    for a, b in zip(got_out + got_vjp(cotangents), want_out + want_vjp(cotangents)):
+    @functools.partial(jax.jit, static_argnums=0)
+    def outputs_and_grads(f, x, scale, bias):
+        out, vjp = jax.vjp(f, x, scale, bias)
+        cotangents = tuple(jax.random.normal(jax.random.PRNGKey(12 + i), o.shape) for i, o in enumerate(out))
+        return out + vjp(cotangents)
+
+    got = outputs_and_grads(lambda *a: layers._normalize(*a, axes, 1e-5), x, scale, bias)
+    for a, b in zip(got, outputs_and_grads(textbook, x, scale, bias)):
         assert_close(a, b)
 
 

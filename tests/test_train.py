@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_spec
+from tests.conftest import CONV_IMPL, tiny_spec
 from wmdd_jax.data import load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import create_model
@@ -47,7 +47,7 @@ def splits(fmnist_dir):
 def test_resume_after_interruption_is_exact(tmp_path, splits):
     train_source, test_source = splits
     spec = tiny_spec(epochs=2, batch_size=64, checkpoint_every_steps=3, augment=dict(flip=True, shift=2))
-    model = create_model("convnet3", 10, norm="batch", width=8)
+    model = create_model("convnet3", 10, norm="batch", width=8)  # the CPU default convolution (Winograd)
     full = train(model, spec, train_source, str(tmp_path / "full"), seed=3, test_source=test_source,
                  verbose=False)
     with pytest.raises(Interrupted):
@@ -69,7 +69,7 @@ def test_resume_after_interruption_is_exact(tmp_path, splits):
 
 def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
     train_source, test_source = splits
-    model = create_model("convnet3", 10, norm="instance", width=8)
+    model = create_model("convnet3", 10, norm="instance", width=8, conv_impl=CONV_IMPL)
     hard = train(model, tiny_spec(epochs=8, lr=0.05), train_source, str(tmp_path / "hard"), seed=0,
                  test_source=test_source, verbose=False)
     assert hard.test_accuracy > 30.0  # chance is 10%
@@ -81,7 +81,7 @@ def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
 
 
 def test_cutmix_with_hard_labels_is_a_user_error(tmp_path, splits):
-    model = create_model("convnet3", 10, norm="instance", width=4)
+    model = create_model("convnet3", 10, norm="instance", width=4, conv_impl=CONV_IMPL)
     spec = tiny_spec(epochs=1)
     spec.augment.cutmix = 1.0
     with pytest.raises(UserError, match="label_mode 'soft'"):
@@ -99,7 +99,7 @@ def test_soft_label_loss_is_kl():
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, splits):
     train_source, _ = splits
     spec = tiny_spec(epochs=1, batch_size=200, checkpoint_every_steps=1)
-    model = create_model("convnet3", 10, norm="instance", width=4)
+    model = create_model("convnet3", 10, norm="instance", width=4, conv_impl=CONV_IMPL)
     with pytest.raises(Interrupted):
         train(model, spec, FailingSource(train_source, 1), str(tmp_path), seed=0, verbose=False)
     ckpt_dir = tmp_path / "checkpoints"

@@ -63,5 +63,9 @@ def load_teacher(config, workdir: str) -> Teacher:
                          conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
     import jax
 
-    target = init_variables(model, jax.random.key(0), tuple(d["image_shape"]))
+    # Shapes only (no init to run); on this process's first device, as a fresh init would be: a
+    # target without a sharding makes a multi-process restore wait on the other processes.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          jax.eval_shape(lambda: init_variables(model, jax.random.key(0), tuple(d["image_shape"]))))
     return Teacher(model, ckpt.load_tree(os.path.join(folder, "final"), target))

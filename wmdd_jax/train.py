@@ -58,9 +58,15 @@ class TrainResult(NamedTuple):
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
-    """Parameters (and BN running statistics) of a fresh model, without sown intermediates."""
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return {k: v for k, v in variables.items() if k != BN_STATS}
+    """Parameters (and BN running statistics) of a fresh model, without sown intermediates.
+
+    One jitted program: run op by op, a ResNet-18's init takes about twice as long on a CPU.
+    """
+    def init(key):
+        variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        return {k: v for k, v in variables.items() if k != BN_STATS}
+
+    return jax.jit(init)(rng)
 
 
 def make_schedule(spec, total_steps: int) -> optax.Schedule:

@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import CONV_IMPL, FMNIST_SUBSET, ROOT
 
 TINY = [
-    f"--config.data.data_dir={FMNIST_SUBSET}", f"--config.conv_impl={CONV_IMPL}", "--config.teacher.width=8", "--config.teacher.epochs=2",
+    f"--config.data.data_dir={FMNIST_SUBSET}", f"--config.conv_impl={CONV_IMPL}", "--config.teacher.width=8",
+    "--config.teacher.epochs=2",
     "--config.teacher.batch_size=64", "--config.eval.hard.width=8", "--config.eval.soft.width=8",
     "--config.eval.hard.epochs=3", "--config.eval.soft.epochs=3", "--config.eval.seeds=(0,)", "--config.ipc=2",
 ]

@@ -1,5 +1,7 @@
 """Models: parameter counts of the PyTorch originals, features, BatchNorm statistics, conv kernels."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,7 @@ def test_features_are_the_classifier_input():
     model = create_model("convnet3", 10, norm="instance", width=16)
     variables = init_variables(model, jax.random.key(0), (28, 28, 1))
     x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
-    logits, features = model.apply(variables, x, return_features=True)
+    logits, features = jax.jit(functools.partial(model.apply, return_features=True))(variables, x)
     assert features.shape == (3, 16 * 4 * 4)  # 28 px, first conv padded by 3 (DC): 32 -> 16 -> 8 -> 4
     head = variables["params"]["classifier"]
     np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5)
@@ -49,7 +51,7 @@ def test_bn_moments_give_batch_and_class_statistics():
     variables = init_variables(model, jax.random.key(0), (12, 12, 1))
     x = jax.random.normal(jax.random.key(1), (6, 12, 12, 1))
     labels = jnp.array([0, 1, 1, 2, 2, 2])
-    _, state = model.apply(variables, x, train=False, mutable=[BN_STATS])
+    _, state = jax.jit(functools.partial(model.apply, train=False, mutable=[BN_STATS]))(variables, x)
     moments = collect_bn_moments(state)
     assert list(moments) == ["norm0", "norm1", "norm2"]
     # The first BN layer's input is the first convolution's output.
@@ -71,7 +73,7 @@ def test_batchnorm_running_statistics_follow_pytorch():
     model = create_model("convnet3", 2, norm="batch", width=4, first_padding=1)
     variables = init_variables(model, jax.random.key(0), (8, 8, 1))
     x = jax.random.normal(jax.random.key(1), (5, 8, 8, 1))
-    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats", BN_STATS])
+    _, upd = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats", BN_STATS]))(variables, x)
     first = collect_bn_moments(upd)["norm0"]
     mean, var = pooled_moments(*first)
     n = 5 * 8 * 8
@@ -88,10 +90,10 @@ def test_conv_implementations_agree(name, kwargs, shape):
     ref = create_model(name, 10, conv_impl="lax", **kwargs)
     variables = init_variables(ref, jax.random.key(0), shape)
     x = jax.random.normal(jax.random.key(1), (2, *shape))
-    expected = ref.apply(variables, x)
+    expected = jax.jit(ref.apply)(variables, x)
     for impl in ("im2col", "winograd"):
         fast = create_model(name, 10, conv_impl=impl, **kwargs)
-        np.testing.assert_allclose(fast.apply(variables, x), expected, rtol=1e-4, atol=1e-4, err_msg=impl)
+        np.testing.assert_allclose(jax.jit(fast.apply)(variables, x), expected, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 def test_unknown_model_and_norm_are_errors():

@@ -1,11 +1,12 @@
 """Issue 2's measurements on Fashion-MNIST: the teacher and the random-real evaluation baselines.
 
 Runs, through the command line, resumably (rerun the same command after an interruption):
-  1. pretrain the ConvNet-3 (batch norm) teacher on the full train split;
+  1. pretrain the ConvNet-3 (batch norm) teacher on the full train split, or, with ``--teacher``,
+     reuse a finished one (e.g. the committed experiments/teachers/fashion_mnist_convnet3_bn);
   2. evaluate random real subsets, IPC 1, 10, 50, hard and soft labels, 3 seeds each.
 Each finished cell is written at once to experiments/results/fashion_mnist.jsonl.
 
-    python experiments/fashion_mnist_baselines.py --workdir ~/wmdd-runs/fmnist [--ipcs 1 10 50]
+    python experiments/fashion_mnist_baselines.py --workdir ~/wmdd-runs/fmnist [--teacher DIR] [--ipcs 1 10 50]
 """
 
 from __future__ import annotations
@@ -50,13 +51,18 @@ def main() -> None:
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--label-modes", nargs="+", default=["hard", "soft"])
     parser.add_argument("--seeds", default="(0,1,2)")
+    parser.add_argument("--teacher", default=None, help="a finished teacher folder to reuse instead of pretraining")
     args = parser.parse_args()
 
-    record_teacher(args.workdir, run("pretrain", args.workdir))
+    reuse = []
+    if args.teacher is None:
+        record_teacher(args.workdir, run("pretrain", args.workdir))
+    else:
+        reuse = [f"--config.teacher.checkpoint={os.path.relpath(os.path.abspath(args.teacher), ROOT)}"]
 
     for mode in args.label_modes:  # all hard-label cells first: they need no teacher
         for ipc in args.ipcs:
-            command = run("evaluate", args.workdir, "--config.eval.source=random_real", f"--config.ipc={ipc}",
+            command = run("evaluate", args.workdir, *reuse, "--config.eval.source=random_real", f"--config.ipc={ipc}",
                           f"--config.eval.label_modes=('{mode}',)", f"--config.eval.seeds={args.seeds}")
             rows = [r for r in results.read_jsonl(os.path.join(args.workdir, "eval", "summary.jsonl"))
                     if r["method"] == "random_real" and r["ipc"] == ipc and r["label_mode"] == mode]

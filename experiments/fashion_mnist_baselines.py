@@ -67,7 +67,9 @@ def main() -> None:
             rows = [r for r in results.read_jsonl(os.path.join(args.workdir, "eval", "summary.jsonl"))
                     if r["method"] == "random_real" and r["ipc"] == ipc and r["label_mode"] == mode]
             row = dict(rows[-1], command=command)
-            results.upsert_jsonl(OUT, row)
+            if mode == "soft" and args.teacher is not None:  # the teacher behind the soft labels
+                row["teacher"] = os.path.relpath(os.path.abspath(args.teacher), ROOT)
+            results.upsert_jsonl(OUT, row, keys=(*results.KEY_FIELDS, "teacher"))
             print(f"random_real ipc={ipc} {mode}: {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
 
 

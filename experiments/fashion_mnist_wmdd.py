@@ -70,7 +70,10 @@ def main() -> None:
                 rows = [r for r in summary if r["label_mode"] == mode and r["ipc"] == ipc]
                 if rows:
                     row = dict(rows[-1], command=shown, stage_seconds=timings, machine="2-core CPU")
-                    results.upsert_jsonl(OUT, row)
+                    if extra:  # a recipe other than the config's: its own row, named by its overrides
+                        row["variant"] = " ".join(a[len("--config."):] for a in extra)
+                    row["teacher"] = os.path.relpath(os.path.abspath(args.teacher), ROOT)  # synthesis, soft labels
+                    results.upsert_jsonl(OUT, row, keys=(*results.KEY_FIELDS, "variant", "teacher"))
                     print(f"{method} ipc={ipc} {mode}: {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)",
                           flush=True)
 

@@ -22,9 +22,16 @@ def accuracy_table(rows: list[dict]) -> str:
     for r in rows:
         ipc = "full" if r.get("ipc") is None else r["ipc"]
         acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
-        method = r["method"] + (f" (`{r['checkpoint']}`)" if r.get("checkpoint") else "")
+        method = r["method"] + (" (committed)" if r.get("checkpoint") else "")
+        method += " †" if r.get("teacher") else ""
+        method += f" [`{r['variant']}`]" if r.get("variant") else ""
         lines.append(f"| {r['dataset']} | {method} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
                      f"{acc} | {r['n_seeds']} |")
+    teachers = sorted({r["teacher"] for r in rows if r.get("teacher")})
+    if teachers:
+        lines += ["", "† made with the teacher " + ", ".join(f"`{t}`" for t in teachers) + " (its synthesis "
+                  "targets and soft labels); the other rows that need a teacher used an earlier run of the same "
+                  "pretrain command (92.50%, not kept). `[key=value]`: a recipe other than the config's."]
     return "\n".join(lines)
 
 

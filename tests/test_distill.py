@@ -215,3 +215,16 @@ def test_padded_classes_change_nothing():
             np.testing.assert_allclose(parts_p[k], parts[k], rtol=1e-5)
         np.testing.assert_allclose(grad_p[:C], grad, rtol=1e-4, atol=1e-7)
         assert np.all(grad_p[C:] == 0), "padded images must get a zero (finite) gradient"
+
+
+def test_committed_teacher_loads_and_classifies():
+    """experiments/teachers/ holds the experiments' teacher (92.67% on the full test split)."""
+    from tests.conftest import ROOT
+    from wmdd_jax.train import evaluate_accuracy
+
+    config = tiny_config()
+    config.teacher.checkpoint = os.path.join(ROOT, "experiments", "teachers", "fashion_mnist_convnet3_bn")
+    teacher = load_teacher(config, "/nonexistent")
+    assert teacher.model.width == 128 and set(teacher.variables) == {"params", "batch_stats"}
+    accuracy = evaluate_accuracy(teacher.model, teacher.variables, load_split(config.data, "test"))
+    assert accuracy > 85.0  # the committed subset's 200 test images

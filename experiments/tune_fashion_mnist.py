@@ -5,7 +5,7 @@ One factor at a time around ``configs/fashion_mnist.py``: every candidate is the
 value changed, distilled at IPC 10 (``--ipc``) and scored by students with teacher soft labels on
 ``--val-per-class`` training images per class that the statistics, barycenters and initial images
 never see. All candidates share one statistics + barycenter pass (those stages do not depend on the
-searched values). The candidate ``random_real`` is the reference a recipe has to beat: students on
+searched values), except ``barycenter.*`` candidates, which compute their own barycenters. The candidate ``random_real`` is the reference a recipe has to beat: students on
 random real training images, same IPC, same soft labels, same validation images. Resumable: rerun
 the same command; each finished candidate is written at once to
 experiments/results/fashion_mnist_tuning.jsonl (metric ``validation_accuracy``).
@@ -41,7 +41,8 @@ SEARCH = {  # config key -> values tried (the base value is configs/fashion_mnis
     "synthesis.r_bn": [1.0, 100.0],
     "synthesis.r_wb": [0.1, 10.0],
     "synthesis.crop_scale": ["(0.08,1.0)", "(0.8,1.0)"],
-    "synthesis.iterations": [500, 1000],
+    "synthesis.iterations": [100, 250, 500, 1000],
+    "barycenter.learn_weights": [True],  # DESIGN: the weighting that evaluates better is the default
 }
 
 
@@ -82,7 +83,8 @@ def main() -> None:
         workdir = os.path.join(args.root, name.replace("(", "").replace(")", "").replace(",", "-"))
         reference = name == "random_real"
         if not reference:
-            for folder in ("statistics", "barycenter"):
+            own_barycenter = any(o.startswith("--config.barycenter.") for o in overrides)
+            for folder in ("statistics",) if own_barycenter else ("statistics", "barycenter"):
                 if not os.path.exists(os.path.join(workdir, folder)):
                     shutil.copytree(os.path.join(shared, folder), os.path.join(workdir, folder))
         stage = "evaluate" if reference else "all"

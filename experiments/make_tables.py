@@ -60,15 +60,32 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(rows: list[dict]) -> str:
+    """The validation search (experiments/tune_fashion_mnist.py): one line per candidate, best first."""
+    if not rows:
+        return ""
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["ipc"], -r["mean"]))
+    lines = ["| dataset | IPC | search candidate (the base recipe with one change) | overrides for every candidate "
+             "| validation accuracy % | seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
+        common = " ".join(a for a in r["command"].split() if a.startswith("--config."))
+        name = f"`{r['candidate']}`" + (" (the reference: random real images)" if r["method"] == "random_real" else "")
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {name} | `{common}` | {acc} | {r['n_seeds']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    acc, speed, scaling = [], [], []
+    acc, speed, scaling, tuning = [], [], [], []
     for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "results", "*.jsonl"))):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         acc += [r for r in rows if r.get("metric") == "test_accuracy"]
         speed += [r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]
         scaling += [r for r in rows if r.get("benchmark") == "synthesis_scaling"]
-    body = "\n\n".join(t for t in (accuracy_table(acc), throughput_table(speed), scaling_table(scaling)) if t)
+        tuning += [r for r in rows if r.get("metric") == "validation_accuracy"]
+    tables = (accuracy_table(acc), tuning_table(tuning), throughput_table(speed), scaling_table(scaling))
+    body = "\n\n".join(t for t in tables if t)
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()

@@ -101,7 +101,7 @@ def main() -> None:
                 timings = json.load(f)
         shown = " ".join(["python experiments/tune_fashion_mnist.py --root ROOT --teacher TEACHER",
                           f"--ipc {args.ipc} --val-per-class {args.val_per_class} --only '{name}'",
-                          *extra])
+                          *([f"--seeds '{args.seeds}'"] if args.seeds != "(0,)" else []), *extra])
         row = dict(summary[-1], metric="validation_accuracy", candidate=name, overrides=overrides,
                    validation_per_class=args.val_per_class, command=shown, stage_seconds=timings,
                    machine="2-core CPU")

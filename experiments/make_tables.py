@@ -64,14 +64,15 @@ def tuning_table(rows: list[dict]) -> str:
     """The validation search (experiments/tune_fashion_mnist.py): one line per candidate, best first."""
     if not rows:
         return ""
-    rows = sorted(rows, key=lambda r: (r["dataset"], r["ipc"], -r["mean"]))
-    lines = ["| dataset | IPC | search candidate (the base recipe with one change) | overrides for every candidate "
-             "| validation accuracy % | seeds |", "|---|---|---|---|---|---|"]
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["ipc"], r.get("teacher", ""), -r["mean"]))
+    lines = ["| dataset | IPC | teacher | search candidate (the base recipe with one change) "
+             "| overrides for every candidate | validation accuracy % | seeds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
         common = " ".join(a for a in r["command"].split() if a.startswith("--config."))
         name = f"`{r['candidate']}`" + (" (the reference: random real images)" if r["method"] == "random_real" else "")
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {name} | `{common}` | {acc} | {r['n_seeds']} |")
+        teacher = os.path.basename(r.get("teacher", ""))
+        lines.append(f"| {r['dataset']} | {r['ipc']} | `{teacher}` | {name} | `{common}` | {acc} | {r['n_seeds']} |")
     return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ experiments/results/fashion_mnist_tuning.jsonl (metric ``validation_accuracy``).
     python experiments/tune_fashion_mnist.py --root ~/wmdd-runs/tune [--teacher DIR] \\
         [--only NAME ...] [--config.KEY=VALUE ...]  # candidates to run; overrides for every run
 
-The teacher of the committed results was trained on the whole training split, validation images
-included; a student never sees them, but its soft labels come from a teacher that did. Pass a teacher
-trained with the same ``--config.data.validation_per_class`` to remove that leak.
+The committed teacher was trained on the whole training split, validation images included; a
+student never sees them, but its soft labels and the synthesis targets come from a teacher that did.
+Pass a teacher trained with the same ``--config.data.validation_per_class`` to remove that leak
+(``experiments/teachers/fashion_mnist_convnet3_bn_val500`` is one, for 500). Rows carry the teacher.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def main() -> None:
                           *([f"--seeds '{args.seeds}'"] if args.seeds != "(0,)" else []), *extra])
         row = dict(summary[-1], metric="validation_accuracy", candidate=name, overrides=overrides,
                    validation_per_class=args.val_per_class, command=shown, stage_seconds=timings,
-                   machine="2-core CPU")
-        results.upsert_jsonl(args.out, row, keys=(*results.KEY_FIELDS, "candidate"))
+                   machine="2-core CPU", teacher=os.path.relpath(os.path.abspath(args.teacher), ROOT))
+        results.upsert_jsonl(args.out, row, keys=(*results.KEY_FIELDS, "candidate", "teacher"))
         print(f"{name}: validation {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
 
 

@@ -9,11 +9,12 @@ The synthesis values (lr 0.25, r_bn 10, r_wb 1, uniform barycenter weights: DESI
 recipe; crop scale (0.5, 1) for 28 px) are the ones the validation search kept
 (experiments/tune_fashion_mnist.py, rows in experiments/results/fashion_mnist_tuning.jsonl, the
 table in README.md). At IPC 50, 500 synthesis steps, one student seed each, 500 held-out training
-images per class, changing one value at a time (student seed 0): base 90.28%; r_wb 10: 90.22; lr 0.5: 90.20;
-learned (k-means) weights: 90.16; r_bn 100: 90.14; 250 steps: 90.00; lr 0.1: 89.78; r_wb 0.1: 89.74;
-r_bn 1: 89.68; crop (0.8, 1): 89.68; crop (0.08, 1): 89.52; random real images: 89.18. No change
-beat the base, so none was taken. Over seeds 0-2: base 90.01 ± 0.19, random real 89.53 ± 0.26. The search ran at 500 steps to save time; 2000 steps (kept here:
-the IPC 1 and 10 rows used them) and 500 gave the same test accuracy at IPC 50 (88.10 vs 88.06).
+images per class, changing one value at a time (student seed 0): base 90.28%; r_wb 10: 90.22; lr
+0.5: 90.20; learned (k-means) weights: 90.16; r_bn 100: 90.14; 250 steps: 90.00; lr 0.1: 89.78; r_wb
+0.1: 89.74; r_bn 1: 89.68; crop (0.8, 1): 89.68; crop (0.08, 1): 89.52; random real images: 89.18.
+No change beat the base, so none was taken. Over seeds 0-2: base 90.01 ± 0.19, random real 89.53 ±
+0.26. The search ran at 500 steps to save time; 2000 steps (kept here: the IPC 1 and 10 rows used
+them) and 500 gave the same test accuracy at IPC 50 (88.10 vs 88.06).
 """
 
 from configs import default

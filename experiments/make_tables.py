@@ -70,7 +70,8 @@ def tuning_table(rows: list[dict]) -> str:
     for r in rows:
         acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
         common = " ".join(a for a in r["command"].split() if a.startswith("--config."))
-        name = f"`{r['candidate']}`" + (" (the reference: random real images)" if r["method"] == "random_real" else "")
+        reference = r["method"] == "random_real"
+        name = f"`{r['candidate']}`" + (" (the reference: random real images)" if reference else "")
         teacher = os.path.basename(r.get("teacher", ""))
         lines.append(f"| {r['dataset']} | {r['ipc']} | `{teacher}` | {name} | `{common}` | {acc} | {r['n_seeds']} |")
     return "\n".join(lines)

@@ -1,14 +1,15 @@
 """The Fashion-MNIST synthesis search of DESIGN.md (Stage 4): lr, r_bn, r_wb, crop scale and the number
 of iterations, chosen on a validation split held out of the training set, never on the test split.
 
-One factor at a time around ``configs/fashion_mnist.py``: every candidate is the base recipe with one
-value changed, distilled at IPC 10 (``--ipc``) and scored by students with teacher soft labels on
-``--val-per-class`` training images per class that the statistics, barycenters and initial images
+One factor at a time around ``configs/fashion_mnist.py``: every candidate is the base recipe with
+one value changed, distilled at IPC 10 (``--ipc``) and scored by students with teacher soft labels
+on ``--val-per-class`` training images per class that the statistics, barycenters and initial images
 never see. All candidates share one statistics + barycenter pass (those stages do not depend on the
-searched values), except ``barycenter.*`` candidates, which compute their own barycenters. The candidate ``random_real`` is the reference a recipe has to beat: students on
-random real training images, same IPC, same soft labels, same validation images. Resumable: rerun
-the same command; each finished candidate is written at once to
-experiments/results/fashion_mnist_tuning.jsonl (metric ``validation_accuracy``).
+searched values), except ``barycenter.*`` candidates, which compute their own barycenters. The
+candidate ``random_real`` is the reference a recipe has to beat: students on random real training
+images, same IPC, same soft labels, same validation images. Resumable: rerun the same command; each
+finished candidate is written at once to experiments/results/fashion_mnist_tuning.jsonl (metric
+``validation_accuracy``).
 
     python experiments/tune_fashion_mnist.py --root ~/wmdd-runs/tune [--teacher DIR] \\
         [--only NAME ...] [--config.KEY=VALUE ...]  # candidates to run; overrides for every run

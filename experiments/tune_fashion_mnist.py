@@ -2,7 +2,7 @@
 of iterations, chosen on a validation split held out of the training set, never on the test split.
 
 One factor at a time around ``configs/fashion_mnist.py``: every candidate is the base recipe with
-one value changed, distilled at IPC 10 (``--ipc``) and scored by students with teacher soft labels
+one value changed, distilled at ``--ipc`` (default 10) and scored by students with teacher soft labels
 on ``--val-per-class`` training images per class that the statistics, barycenters and initial images
 never see. All candidates share one statistics + barycenter pass (those stages do not depend on the
 searched values), except ``barycenter.*`` candidates, which compute their own barycenters. The

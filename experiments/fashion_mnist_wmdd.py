@@ -14,6 +14,7 @@ is written at once to experiments/results/fashion_mnist.jsonl with its stage wal
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -50,6 +51,11 @@ def main() -> None:
         parser.error(f"unknown arguments {[a for a in extra if not a.startswith('--config.')]}; "
                      "besides the options above, only --config.KEY=VALUE overrides (passed to every run)")
 
+    modes = ast.literal_eval(args.label_modes)
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes or any(m not in ("soft", "hard") for m in modes):
+        parser.error(f"--label-modes must be a tuple of 'soft' and/or 'hard', got {args.label_modes!r}")
+
     for ipc in args.ipcs:
         for method in args.methods:
             workdir = os.path.join(args.root, f"{method}_ipc{ipc}")
@@ -66,7 +72,7 @@ def main() -> None:
             with open(os.path.join(workdir, "timings.json")) as f:
                 timings = json.load(f)
             summary = results.read_jsonl(os.path.join(workdir, "eval", "summary.jsonl"))
-            for mode in ("soft", "hard"):
+            for mode in modes:  # only the modes this command ran: `shown` is their command
                 rows = [r for r in summary if r["label_mode"] == mode and r["ipc"] == ipc]
                 if rows:
                     row = dict(rows[-1], command=shown, stage_seconds=timings, machine="2-core CPU")

@@ -34,6 +34,8 @@ METHODS = {  # method name -> config overrides (ablations are config switches)
     "wmdd_learned_weights": ["--config.barycenter.learn_weights=True"],
     "wmdd_global_bn": ["--config.synthesis.per_class_bn=False"],
     "wmdd_noise_init": ["--config.synthesis.init=noise"],
+    # the real images WMDD starts from (nearest each barycenter point), not optimised: selection alone
+    "barycenter_real": ["--config.synthesis.iterations=0"],
 }
 
 
@@ -55,6 +57,14 @@ def main() -> None:
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     if not modes or any(m not in ("soft", "hard") for m in modes):
         parser.error(f"--label-modes must be a tuple of 'soft' and/or 'hard', got {args.label_modes!r}")
+
+    key = lambda override: override.split("=", 1)[0]  # noqa: E731
+    for method in args.methods:
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r}; --methods takes any of {sorted(METHODS)}")
+        clash = {key(o) for o in METHODS[method]} & {key(o) for o in extra}
+        if clash:
+            parser.error(f"{sorted(clash)} would override what makes {method!r} itself; run it without them")
 
     for ipc in args.ipcs:
         for method in args.methods:

@@ -43,7 +43,7 @@ SEARCH = {  # config key -> values tried (the base value is configs/fashion_mnis
     "synthesis.r_bn": [1.0, 100.0],
     "synthesis.r_wb": [0.1, 10.0],
     "synthesis.crop_scale": ["(0.08,1.0)", "(0.8,1.0)"],
-    "synthesis.iterations": [100, 250, 500, 1000],
+    "synthesis.iterations": [0, 100, 250, 500, 1000],  # 0: the selected real images, unoptimised
     "barycenter.learn_weights": [True],  # DESIGN: the weighting that evaluates better is the default
 }
 

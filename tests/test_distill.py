@@ -13,7 +13,7 @@ from tests.conftest import CONV_IMPL, tiny_config
 from wmdd_jax import distill, relabel
 from wmdd_jax.checkpoint import write_npz
 from wmdd_jax.errors import UserError
-from wmdd_jax.data import load_split, normalize
+from wmdd_jax.data import denormalize, load_split, normalize
 from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
 from wmdd_jax.teacher import load_teacher, pretrain
 from wmdd_jax.train import Teacher, augmented_input, batch_indices, batch_plan, data_key, init_variables
@@ -111,6 +111,29 @@ def test_recover_resumes_exactly(distilled, tmp_path, monkeypatch):
     resumed = distill.recover(config, str(tmp_path / "cut"))
     np.testing.assert_allclose(resumed, full, atol=1e-6)
     assert os.path.exists(tmp_path / "cut" / "synthetic" / "grid.png")
+
+
+def test_zero_iterations_keep_the_nearest_real_images(distilled, tmp_path):
+    """``synthesis.iterations=0``: the images are the real images nearest the support points."""
+    config, workdir = distilled
+    config = config.copy_and_resolve_references()
+    config.synthesis.iterations = 0
+    shutil.copytree(workdir, tmp_path / "w", ignore=shutil.ignore_patterns("synthetic", "eval"))
+    images = distill.recover(config, str(tmp_path / "w"))
+    source = load_split(config.data, "train")
+    stats = distill.load_statistics(os.path.join(workdir, distill.STATS_DIR), source.num_classes)
+    bc = distill.load_barycenters(os.path.join(workdir, distill.BARYCENTER_DIR), list(range(source.num_classes)))
+    init = distill.init_images(config, source, stats, bc["support"])
+    expected = np.clip(np.asarray(denormalize(init, source.mean, source.std)), 0, 1).reshape(images.shape)
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    assert distill.method_name(config) == "barycenter_real"
+    real = np.asarray(source.get(np.arange(len(source)))[0], np.float32).reshape(len(source), -1)
+    flat = images.reshape(len(images), -1)
+    gaps = np.abs(flat[:, None, :] - real[None]).max(-1).min(-1)  # each image is some training image
+    assert gaps.max() < 1e-5
+    config.synthesis.iterations = -1
+    with pytest.raises(UserError, match="iterations must be >= 0"):
+        distill.recover(config, str(tmp_path / "bad"))
 
 
 def test_stored_soft_labels_are_the_online_teacher(distilled):

@@ -377,6 +377,8 @@ def method_name(config) -> str:
     s = config.synthesis
     if s.method:
         return s.method
+    if int(s.iterations) == 0:  # nothing optimised: the initial images are the set
+        return "noise" if s.init == "noise" else "barycenter_real"
     name = "wmdd" if s.use_barycenter else "no_barycenter"
     if not s.per_class_bn:
         name += "_global_bn"
@@ -397,6 +399,9 @@ def _load_images(path: str) -> np.ndarray:
 def recover(config, workdir: str) -> np.ndarray:
     """Stage ``recover``: optimises the synthetic set over the mesh; resumes from its last checkpoint.
 
+    ``synthesis.iterations=0`` keeps the initial images as they are (with ``init=real``: the real
+    image nearest each support point, a barycenter-selected coreset; an ablation of the optimisation).
+
     Returns this process's images ``[n * ipc, h, w, c]`` in [0, 1] (all classes on one process).
     Several processes each write ``synthetic/images.processP-of-N.npz`` (their classes); process 0
     joins them into ``synthetic/images.npz`` when it sees them all (a shared work directory).
@@ -410,6 +415,9 @@ def recover(config, workdir: str) -> np.ndarray:
     if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):
         return _load_images(mine if os.path.exists(mine) else out_file)
     cfg = config.synthesis
+    if int(cfg.iterations) < 0:
+        raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
+                        f"got {cfg.iterations}")
     source = load_split(config.data, "train")
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)
@@ -438,7 +446,7 @@ def recover(config, workdir: str) -> np.ndarray:
     class_mask = sharding.class_array(mesh, C, lambda k: np.float32(1), ())
     variables = sharding.put_replicated(teacher.variables, mesh)
 
-    tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.iterations), b1=0.5, b2=0.9, eps=1e-8)
+    tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, max(int(cfg.iterations), 1)), b1=0.5, b2=0.9, eps=1e-8)
     images = by_class(init_images(config, source, stats, bc["support"]).astype(np.float32))
 
     def fresh(images):

@@ -14,8 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+MARKS = "†‡§¶"
+
+
+def teacher_marks(rows: list[dict]) -> dict[str, str]:
+    """A footnote mark per committed teacher named by the rows."""
+    teachers = sorted({r["teacher"] for r in rows if r.get("teacher")})
+    return {t: MARKS[i] if i < len(MARKS) else f"[{i + 1}]" for i, t in enumerate(teachers)}
+
+
 def accuracy_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("metric") == "test_accuracy"]
+    marks = teacher_marks(rows)
     rows.sort(key=lambda r: (r["dataset"], r["method"] != "teacher", r["method"], r["model"],
                              r.get("label_mode") or "", r.get("ipc") or 0))
     lines = ["| dataset | method | model | labels | IPC | test accuracy % | seeds |", "|---|---|---|---|---|---|---|"]
@@ -23,16 +33,58 @@ def accuracy_table(rows: list[dict]) -> str:
         ipc = "full" if r.get("ipc") is None else r["ipc"]
         acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
         method = r["method"] + (" (committed)" if r.get("checkpoint") else "")
-        method += " †" if r.get("teacher") else ""
+        method += f" {marks[r['teacher']]}" if r.get("teacher") else ""
         method += f" [`{r['variant']}`]" if r.get("variant") else ""
         lines.append(f"| {r['dataset']} | {method} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
                      f"{acc} | {r['n_seeds']} |")
-    teachers = sorted({r["teacher"] for r in rows if r.get("teacher")})
-    if teachers:
-        lines += ["", "† made with the teacher " + ", ".join(f"`{t}`" for t in teachers) + " (its synthesis "
+    if marks:
+        lines += ["", "; ".join(f"{m} made with the teacher `{t}`" for t, m in marks.items()) + " (its synthesis "
                   "targets and soft labels); the other rows that need a teacher used an earlier run of the same "
                   "pretrain command (92.50%, not kept). `[key=value]`: a recipe other than the config's."]
     return "\n".join(lines)
+
+
+def criterion_table(rows: list[dict]) -> str:
+    """WMDD against random real and the no-barycenter ablation, each with the same teacher and labels.
+
+    A WMDD row (any recipe variant) is paired with the random-real row of its dataset, model, IPC,
+    label mode and teacher (any teacher for hard labels), and with the no-barycenter row of the same
+    recipe too. "Ahead by more than one std" means the gap in means exceeds the larger of the two
+    standard deviations.
+    """
+    rows = [r for r in rows if r.get("metric") == "test_accuracy" and r.get("ipc") is not None]
+    marks = teacher_marks(rows)
+
+    def same(r, method, variant):
+        keys = ("dataset", "model", "ipc", "label_mode", "teacher")
+        if method == "random_real" and r.get("label_mode") == "hard":
+            keys = keys[:-1]  # random real images under hard labels need no teacher
+        return [o for o in rows if o["method"] == method and o.get("variant") == variant
+                and all(o.get(k) == r.get(k) for k in keys)]
+
+    def versus(r, others):
+        if not others:
+            return "", ""
+        o = others[-1]
+        gap = r["mean"] - o["mean"]
+        ahead = "yes" if gap > max(r["std"], o["std"]) else "no"
+        return f"{o['mean']:.2f} ± {o['std']:.2f} ({o['n_seeds']})", f"{gap:+.2f} ({ahead})"
+
+    lines = ["| dataset | labels | IPC | teacher | WMDD (seeds) | random real (seeds) | gap (> 1 std?) "
+             "| no barycenter (seeds) | gap (> 1 std?) |", "|---|---|---|---|---|---|---|---|---|"]
+    wmdd = sorted((r for r in rows if r["method"] == "wmdd"),
+                  key=lambda r: (r["dataset"], r.get("label_mode") or "", r["ipc"], r.get("teacher") or "",
+                                 r.get("variant") or ""))
+    for r in wmdd:
+        rr, rr_gap = versus(r, same(r, "random_real", None))
+        nb, nb_gap = versus(r, same(r, "no_barycenter", r.get("variant")))
+        if not rr and not nb:
+            continue
+        teacher = marks.get(r.get("teacher"), "earlier run")
+        variant = f" [`{r['variant']}`]" if r.get("variant") else ""
+        lines.append(f"| {r['dataset']} | {r.get('label_mode') or ''} | {r['ipc']} | {teacher} | "
+                     f"{r['mean']:.2f} ± {r['std']:.2f} ({r['n_seeds']}){variant} | {rr} | {rr_gap} | {nb} | {nb_gap} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def throughput_table(rows: list[dict]) -> str:
@@ -89,7 +141,8 @@ def main() -> None:
         speed += [r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]
         scaling += [r for r in rows if r.get("benchmark") == "synthesis_scaling"]
         tuning += [r for r in rows if r.get("metric") == "validation_accuracy"]
-    tables = (accuracy_table(acc), tuning_table(tuning), throughput_table(speed), scaling_table(scaling))
+    tables = (accuracy_table(acc), criterion_table(acc), tuning_table(tuning), throughput_table(speed),
+              scaling_table(scaling))
     body = "\n\n".join(t for t in tables if t)
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:

@@ -31,3 +31,28 @@ def test_tuning_table_groups_by_teacher_and_ranks_candidates_by_seed_0():
     assert "(the reference: random real images)" in lines[2]
     assert "`--config.synthesis.iterations=500`" in lines[0]
     assert _make_tables().tuning_table([]) == ""
+
+
+def _test_row(method, values, std, ipc=50, label_mode="soft", teacher="experiments/teachers/a", variant=None):
+    row = dict(dataset="fashion_mnist", method=method, model="convnet3", ipc=ipc, label_mode=label_mode,
+               metric="test_accuracy", mean=round(sum(values) / len(values), 2), std=std, values=values,
+               n_seeds=len(values), teacher=teacher)
+    return dict(row, variant=variant) if variant else row
+
+
+def test_criterion_table_pairs_rows_of_one_teacher_and_recipe():
+    rows = [_test_row("wmdd", [88.0, 88.2], 0.1), _test_row("random_real", [87.0, 87.0], 0.3),
+            _test_row("random_real", [90.0], 0.0, teacher="experiments/teachers/b"),  # another teacher: not paired
+            _test_row("no_barycenter", [87.9, 87.9], 0.2),
+            _test_row("wmdd", [87.0], 0.1, variant="synthesis.iterations=500"),
+            _test_row("no_barycenter", [86.0], 0.05, variant="synthesis.iterations=500"),
+            _test_row("wmdd", [60.0], 1.0, label_mode="hard"),
+            _test_row("random_real", [70.0], 0.5, label_mode="hard", teacher=None),  # hard labels: no teacher
+            _test_row("wmdd", [50.0], 1.0, ipc=1)]  # nothing to compare with: no line
+    lines = _make_tables().criterion_table(rows).splitlines()[2:]
+    assert len(lines) == 3
+    hard, plain, variant = lines
+    assert "| hard |" in hard and "| 70.00 ± 0.50 (1) | -10.00 (no) |" in hard
+    assert "| † | 88.10 ± 0.10 (2) | 87.00 ± 0.30 (2) | +1.10 (yes) | 87.90 ± 0.20 (2) | +0.20 (no) |" in plain
+    assert "[`synthesis.iterations=500`] | 87.00 ± 0.30 (2) | +0.00 (no) | 86.00 ± 0.05 (1) | +1.00 (yes) |" in variant
+    assert _make_tables().criterion_table([_test_row("wmdd", [1.0], 0.0)]) == ""

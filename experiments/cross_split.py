@@ -10,7 +10,8 @@ students*, the difference lies in the evaluation images, not in the training run
         [--teacher experiments/teachers/fashion_mnist_convnet3_bn_val500] [--val-per-class 500]
 
 Each candidate's row (per-seed accuracies on both splits) goes to
-experiments/results/fashion_mnist_cross_split.jsonl; the paired differences are printed.
+experiments/results/fashion_mnist_cross_split.jsonl, with per-class accuracies; the paired
+differences are printed, overall and per class.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
 from wmdd_jax import checkpoint as ckpt  # noqa: E402
 from wmdd_jax import results  # noqa: E402
-from wmdd_jax.data import load_split  # noqa: E402
+from wmdd_jax.data import load_split, normalize  # noqa: E402
 from wmdd_jax.errors import UserError  # noqa: E402
 from wmdd_jax.teacher import model_from_spec  # noqa: E402
-from wmdd_jax.train import evaluate_accuracy, init_variables  # noqa: E402
+from wmdd_jax.train import init_variables  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "fashion_mnist_cross_split.jsonl")
 
@@ -49,6 +51,17 @@ def student_dirs(candidate_dir: str, ipc: int) -> dict[int, str]:
         raise UserError(f"no finished soft-label ConvNet-3 students under {candidate_dir}/eval/*/ipc{ipc}; "
                         "run experiments/tune_fashion_mnist.py for that candidate first")
     return dict(sorted(found.items()))
+
+
+def predictions(model, variables: dict, source, batch_size: int = 500) -> np.ndarray:
+    """The student's predicted class of every image of ``source``."""
+    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, normalize(x, mean, std), train=False), -1))
+    n, out = len(source), []
+    for start in range(0, n, batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # one shape: one compile
+        out.append(np.asarray(predict(variables, source.get(idx)[0])))
+    return np.concatenate(out)[:n]
 
 
 def main() -> None:
@@ -72,21 +85,25 @@ def main() -> None:
     scores = {}
     for name in args.candidates:
         seeds = student_dirs(os.path.join(args.root, name), args.ipc)
-        per_split = {s: [] for s in splits}
+        per_split, per_class = {s: [] for s in splits}, {s: [] for s in splits}
         for seed, d in seeds.items():
             variables = ckpt.load_tree(os.path.join(d, "final"), template)
             with open(os.path.join(d, "result.json")) as f:
                 recorded = json.load(f)["test_accuracy"]  # the search's score: the validation split
             for split, source in splits.items():
-                per_split[split].append(round(evaluate_accuracy(model, variables, source), 2))
+                hit = predictions(model, variables, source) == source.labels
+                per_split[split].append(round(100 * float(hit.mean()), 2))
+                per_class[split].append([round(100 * float(hit[source.labels == k].mean()), 2)
+                                         for k in range(source.num_classes)])
             if abs(per_split["validation"][-1] - recorded) > 0.015:
                 raise RuntimeError(f"{d}: validation accuracy {per_split['validation'][-1]} differs from the "
                                    f"recorded {recorded}; is --val-per-class the one the search used?")
             print(f"{name} seed {seed}: validation {per_split['validation'][-1]:.2f}, test {per_split['test'][-1]:.2f}")
-        scores[name] = (list(seeds), per_split)
+        scores[name] = (list(seeds), per_split, per_class)
         row = dict(dataset="fashion_mnist", method="random_real" if name == "random_real" else "wmdd",
                    candidate=name, model="convnet3", ipc=args.ipc, label_mode="soft", metric="cross_split",
                    seeds=list(seeds), validation=per_split["validation"], test=per_split["test"],
+                   validation_per_class=per_class["validation"], test_per_class=per_class["test"],
                    teacher=os.path.relpath(os.path.abspath(args.teacher), ROOT),
                    command=f"python experiments/cross_split.py --root ROOT --candidates {name} "
                            f"--teacher {os.path.relpath(os.path.abspath(args.teacher), ROOT)} --ipc {args.ipc} "
@@ -95,12 +112,14 @@ def main() -> None:
         results.upsert_jsonl(args.out, row, keys=("dataset", "candidate", "ipc", "teacher"))
     names = list(scores)
     for other in names[1:]:
-        (seeds_a, a), (seeds_b, b) = scores[names[0]], scores[other]
+        (seeds_a, a, class_a), (seeds_b, b, class_b) = scores[names[0]], scores[other]
         if seeds_a != seeds_b:
             continue
         for split in ("validation", "test"):
             diff = np.subtract(a[split], b[split])
-            print(f"{names[0]} - {other}, {split}: {diff.mean():+.2f} (per seed {', '.join(f'{d:+.2f}' for d in diff)})")
+            by_class = np.subtract(class_a[split], class_b[split]).mean(0)
+            print(f"{names[0]} - {other}, {split}: {diff.mean():+.2f} (per seed {', '.join(f'{d:+.2f}' for d in diff)}; "
+                  f"per class, seed mean: {', '.join(f'{d:+.1f}' for d in by_class)})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Runs, through the command line, resumably (rerun the same command after an inter
   2. evaluate random real subsets, IPC 1, 10, 50, hard and soft labels, 3 seeds each.
 Each finished cell is written at once to experiments/results/fashion_mnist.jsonl.
 
-    python experiments/fashion_mnist_baselines.py --workdir ~/wmdd-runs/fmnist [--teacher DIR] [--ipcs 1 10 50]
+    python experiments/fashion_mnist_baselines.py --workdir ~/wmdd-runs/fmnist [--teacher DIR] [--ipcs 1 10 50] \
+        [--config.KEY=VALUE ...]  # a student recipe other than the config's: its rows carry it as `variant`
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def main() -> None:
     parser.add_argument("--label-modes", nargs="+", default=["hard", "soft"])
     parser.add_argument("--seeds", default="(0,1,2)")
     parser.add_argument("--teacher", default=None, help="a finished teacher folder to reuse instead of pretraining")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if any(not a.startswith("--config.") for a in extra):
+        parser.error(f"unknown arguments {[a for a in extra if not a.startswith('--config.')]}; "
+                     "besides the options above, only --config.KEY=VALUE overrides (passed to every run)")
 
     reuse = []
     if args.teacher is None:
@@ -63,13 +67,15 @@ def main() -> None:
     for mode in args.label_modes:  # all hard-label cells first: they need no teacher
         for ipc in args.ipcs:
             command = run("evaluate", args.workdir, *reuse, "--config.eval.source=random_real", f"--config.ipc={ipc}",
-                          f"--config.eval.label_modes=('{mode}',)", f"--config.eval.seeds={args.seeds}")
+                          f"--config.eval.label_modes=('{mode}',)", f"--config.eval.seeds={args.seeds}", *extra)
             rows = [r for r in results.read_jsonl(os.path.join(args.workdir, "eval", "summary.jsonl"))
                     if r["method"] == "random_real" and r["ipc"] == ipc and r["label_mode"] == mode]
             row = dict(rows[-1], command=command)
             if mode == "soft" and args.teacher is not None:  # the teacher behind the soft labels
                 row["teacher"] = os.path.relpath(os.path.abspath(args.teacher), ROOT)
-            results.upsert_jsonl(OUT, row, keys=(*results.KEY_FIELDS, "teacher"))
+            if extra:  # a recipe other than the config's: its own row, named by its overrides
+                row["variant"] = " ".join(a[len("--config."):] for a in extra)
+            results.upsert_jsonl(OUT, row, keys=(*results.KEY_FIELDS, "variant", "teacher"))
             print(f"random_real ipc={ipc} {mode}: {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
 
 

@@ -65,6 +65,17 @@ def test_resume_after_interruption_is_exact(tmp_path, splits):
     # A finished run is loaded, not retrained.
     again = train(model, spec, train_source, str(tmp_path / "full"), seed=3, verbose=False)
     assert again.test_accuracy == full.test_accuracy
+    # ... if it is of the same recipe: another augmentation or seed is refused, a logging change is not.
+    other = spec.copy_and_resolve_references()
+    other.augment.shift = 0
+    with pytest.raises(UserError, match="another recipe \\(augment:"):
+        train(model, other, train_source, str(tmp_path / "full"), seed=3, verbose=False)
+    with pytest.raises(UserError, match="data_seed: 3 there, 4 now; seed: 3 there, 4 now"):
+        train(model, spec, train_source, str(tmp_path / "full"), seed=4, verbose=False)
+    logged = spec.copy_and_resolve_references()
+    logged.log_every_steps = 7
+    assert train(model, logged, train_source, str(tmp_path / "full"), seed=3, verbose=False).test_accuracy == \
+        full.test_accuracy
 
 
 def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):

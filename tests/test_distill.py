@@ -127,6 +127,12 @@ def test_zero_iterations_keep_the_nearest_real_images(distilled, tmp_path):
     expected = np.clip(np.asarray(denormalize(init, source.mean, source.std)), 0, 1).reshape(images.shape)
     np.testing.assert_allclose(images, expected, atol=1e-5)
     assert distill.method_name(config) == "barycenter_real"
+    changed = config.copy_and_resolve_references()
+    changed.synthesis.iterations = 6  # the same work directory: refused, not the old images reused
+    with pytest.raises(UserError, match="a synthetic set of another recipe \\(iterations: 0 there, 6 now\\)"):
+        distill.recover(changed, str(tmp_path / "w"))
+    changed.synthesis.iterations, changed.synthesis.log_every_steps = 0, 1  # bookkeeping only: reused
+    np.testing.assert_array_equal(distill.recover(changed, str(tmp_path / "w")), images)
     real = np.asarray(source.get(np.arange(len(source)))[0], np.float32).reshape(len(source), -1)
     flat = images.reshape(len(images), -1)
     gaps = np.abs(flat[:, None, :] - real[None]).max(-1).min(-1)  # each image is some training image

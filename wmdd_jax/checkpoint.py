@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -64,3 +65,28 @@ def load_tree(path: str, target: Any) -> Any:
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be restored ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); delete it and rerun the stage that writes it") from e
+
+
+def check_recipe(folder: str, recipe: dict, what: str) -> None:
+    """Records ``recipe`` in ``folder/recipe.json`` on first use; afterwards refuses any other recipe.
+
+    A stage that resumes or reuses its outputs calls this first, so that rerunning it with changed
+    settings in the same work directory is an error rather than a quiet reuse of the old results.
+    ``what`` names the outputs in the message (e.g. "a training run").
+    """
+    recipe = json.loads(json.dumps(recipe, default=str))  # tuples -> lists, as when read back
+    path = os.path.join(folder, "recipe.json")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # atomic: several processes may write the same recipe
+        with open(tmp, "w") as f:
+            json.dump(recipe, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in changed)
+        raise UserError(f"{folder} holds {what} of another recipe ({detail}). Use another --workdir for the "
+                        f"new settings, or delete {folder} to redo it.")

@@ -38,7 +38,7 @@ from wmdd_jax import sharding
 from wmdd_jax.data import Source, augment, denormalize, load_split, normalize
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
-from wmdd_jax.train import Teacher
+from wmdd_jax.train import BOOKKEEPING, Teacher
 
 STATS_DIR, BARYCENTER_DIR, SYNTHETIC_DIR = "statistics", "barycenter", "synthetic"
 
@@ -219,6 +219,8 @@ def load_barycenters(folder: str, classes: list[int]) -> dict[str, np.ndarray]:
 def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
     """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged)."""
     folder = os.path.join(workdir, BARYCENTER_DIR)
+    recipe = {k: v for k, v in config.barycenter.to_dict().items() if k != "batch_size"}  # batch_size: speed
+    ckpt.check_recipe(folder, dict(recipe, ipc=int(config.ipc), seed=int(config.seed)), "barycenters")
     source = load_split(config.data, "train")
     classes = _owned(sharding.make_mesh(config.mesh), source.num_classes)
     if all(os.path.exists(_class_file(folder, k)) for k in classes):
@@ -410,6 +412,8 @@ def recover(config, workdir: str) -> np.ndarray:
 
     out_dir = os.path.join(workdir, SYNTHETIC_DIR)
     out_file = os.path.join(out_dir, "images.npz")
+    recipe = {k: v for k, v in config.synthesis.to_dict().items() if k not in (*BOOKKEEPING, "method")}
+    ckpt.check_recipe(out_dir, dict(recipe, ipc=int(config.ipc), seed=int(config.seed)), "a synthetic set")
     multi = jax.process_count() > 1
     mine = _shard_file(out_dir) if multi else out_file
     if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):

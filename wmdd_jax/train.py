@@ -219,8 +219,9 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
         raise ValueError(f"stored soft labels are for {stored_targets.shape[:2]} (steps, batch), "
                          f"this run is {(total_steps, batch_size)}")
     data_seed = seed if data_seed is None else data_seed
-    _check_recipe(workdir, spec, seed=seed, data_seed=data_seed, num_examples=n,
-                  stored_soft_labels=stored_targets is not None)
+    recipe = {k: v for k, v in spec.to_dict().items() if k not in BOOKKEEPING}
+    ckpt.check_recipe(workdir, dict(recipe, seed=seed, data_seed=data_seed, num_examples=n,
+                                    stored_soft_labels=stored_targets is not None), "a training run")
     init_rng, step_rng = jax.random.key(seed), data_key(data_seed)
     variables = init_variables(model, init_rng, source.image_shape)
     tx = make_optimizer(spec, total_steps)
@@ -283,30 +284,8 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     return TrainResult(variables, accuracy, total_steps, seconds)
 
 
-# Spec keys that change how a run is logged or saved, not what it trains.
-_BOOKKEEPING = ("checkpoint_every_steps", "checkpoint_every_secs", "log_every_steps")
-
-
-def _check_recipe(workdir: str, spec, **facts) -> None:
-    """Writes ``recipe.json`` on a run's first start; refuses to resume or reuse a run of another recipe.
-
-    Without it, rerunning a stage with, say, another augmentation in the same work directory would
-    quietly load the students trained with the old one.
-    """
-    recipe = {k: v for k, v in spec.to_dict().items() if k not in _BOOKKEEPING}
-    recipe = json.loads(json.dumps({**recipe, **facts}, default=str))  # tuples -> lists, as when read back
-    path = os.path.join(workdir, "recipe.json")
-    if not os.path.exists(path):
-        with open(path, "w") as f:
-            json.dump(recipe, f, indent=1, sort_keys=True)
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
-    if changed:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in changed)
-        raise UserError(f"{workdir} holds a training run of another recipe ({detail}). Use another --workdir "
-                        f"for the new recipe, or delete {workdir} to retrain it.")
+# Config keys that change how a run is logged or saved, not what it computes.
+BOOKKEEPING = ("checkpoint_every_steps", "checkpoint_every_secs", "log_every_steps")
 
 
 def _variables(state: TrainState) -> dict:

@@ -91,6 +91,20 @@ def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
     assert soft.test_accuracy > 20.0
 
 
+def test_recipe_is_enforced_only_once_there_are_outputs(tmp_path):
+    from wmdd_jax.checkpoint import check_recipe
+
+    folder = tmp_path / "run"
+    check_recipe(str(folder), {"lr": 0.1, "crop": (0.5, 1.0)}, "a run")
+    check_recipe(str(folder), {"lr": 0.1, "crop": [0.5, 1.0]}, "a run")  # tuples and lists read back alike
+    check_recipe(str(folder), {"lr": 0.2, "crop": (0.5, 1.0)}, "a run")  # nothing written yet: replaced
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "state").write_text("x")
+    with pytest.raises(UserError, match=r"holds a run of another recipe \(lr: 0.2 there, 0.1 now\)"):
+        check_recipe(str(folder), {"lr": 0.1, "crop": (0.5, 1.0)}, "a run")
+    check_recipe(str(folder), {"lr": 0.2, "crop": (0.5, 1.0)}, "a run")
+
+
 def test_cutmix_with_hard_labels_is_a_user_error(tmp_path, splits):
     model = create_model("convnet3", 10, norm="instance", width=4, conv_impl=CONV_IMPL)
     spec = tiny_spec(epochs=1)

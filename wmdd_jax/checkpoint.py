@@ -68,15 +68,18 @@ def load_tree(path: str, target: Any) -> Any:
 
 
 def check_recipe(folder: str, recipe: dict, what: str) -> None:
-    """Records ``recipe`` in ``folder/recipe.json`` on first use; afterwards refuses any other recipe.
+    """Records ``recipe`` in ``folder/recipe.json``; refuses another recipe once ``folder`` holds outputs.
 
     A stage that resumes or reuses its outputs calls this first, so that rerunning it with changed
     settings in the same work directory is an error rather than a quiet reuse of the old results.
-    ``what`` names the outputs in the message (e.g. "a training run").
+    While the folder holds nothing but the recipe (a run that failed before writing anything), the
+    new recipe replaces it. ``what`` names the outputs in the message (e.g. "a training run").
     """
     recipe = json.loads(json.dumps(recipe, default=str))  # tuples -> lists, as when read back
     path = os.path.join(folder, "recipe.json")
-    if not os.path.exists(path):
+    outputs = any(name != "recipe.json" and not name.endswith(".tmp")
+                  for _, _, names in os.walk(folder) for name in names)
+    if not os.path.exists(path) or not outputs:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"  # atomic: several processes may write the same recipe
         with open(tmp, "w") as f:

@@ -412,16 +412,16 @@ def recover(config, workdir: str) -> np.ndarray:
 
     out_dir = os.path.join(workdir, SYNTHETIC_DIR)
     out_file = os.path.join(out_dir, "images.npz")
-    recipe = {k: v for k, v in config.synthesis.to_dict().items() if k not in (*BOOKKEEPING, "method")}
+    cfg = config.synthesis
+    if int(cfg.iterations) < 0:
+        raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
+                        f"got {cfg.iterations}")
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in (*BOOKKEEPING, "method")}
     ckpt.check_recipe(out_dir, dict(recipe, ipc=int(config.ipc), seed=int(config.seed)), "a synthetic set")
     multi = jax.process_count() > 1
     mine = _shard_file(out_dir) if multi else out_file
     if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):
         return _load_images(mine if os.path.exists(mine) else out_file)
-    cfg = config.synthesis
-    if int(cfg.iterations) < 0:
-        raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
-                        f"got {cfg.iterations}")
     source = load_split(config.data, "train")
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)

@@ -48,8 +48,9 @@ def criterion_table(rows: list[dict]) -> str:
     """WMDD against random real and two ablations, each with the same teacher and labels.
 
     A WMDD row (any recipe variant) is paired with the random-real row of its dataset, model, IPC,
-    label mode and teacher (any teacher for hard labels), with the no-barycenter row of the same
-    recipe, and with ``barycenter_real`` (WMDD's initial images, not optimised). "Ahead by more than one std" means the gap in means exceeds the larger of the two
+    label mode, teacher (any teacher for hard labels) and student recipe (its ``eval.*`` overrides),
+    with the no-barycenter row of the same recipe, and with ``barycenter_real`` (WMDD's initial
+    images, not optimised) of the same student recipe. "Ahead by more than one std" means the gap in means exceeds the larger of the two
     standard deviations.
     """
     rows = [r for r in rows if r.get("metric") == "test_accuracy" and r.get("ipc") is not None]
@@ -77,9 +78,11 @@ def criterion_table(rows: list[dict]) -> str:
                   key=lambda r: (r["dataset"], r.get("label_mode") or "", r["ipc"], r.get("teacher") or "",
                                  r.get("variant") or ""))
     for r in wmdd:
-        rr, rr_gap = versus(r, same(r, "random_real", None))
+        # Random real and unoptimised images have no synthesis recipe: they share only its student recipe.
+        students = " ".join(o for o in (r.get("variant") or "").split() if o.startswith("eval.")) or None
+        rr, rr_gap = versus(r, same(r, "random_real", students))
         nb, nb_gap = versus(r, same(r, "no_barycenter", r.get("variant")))
-        sel, sel_gap = versus(r, same(r, "barycenter_real", None))  # no steps: no recipe variant
+        sel, sel_gap = versus(r, same(r, "barycenter_real", students))
         if not rr and not nb and not sel:
             continue
         teacher = marks.get(r.get("teacher"), "earlier run")

@@ -48,15 +48,18 @@ def test_criterion_table_pairs_rows_of_one_teacher_and_recipe():
             _test_row("no_barycenter", [86.0], 0.05, variant="synthesis.iterations=500"),
             _test_row("wmdd", [60.0], 1.0, label_mode="hard"),
             _test_row("random_real", [70.0], 0.5, label_mode="hard", teacher=None),  # hard labels: no teacher
-            _test_row("barycenter_real", [88.5, 88.5], 0.0),  # no steps: paired with every recipe
+            _test_row("barycenter_real", [88.5, 88.5], 0.0),  # no steps: paired with every synthesis recipe
+            _test_row("wmdd", [80.0], 0.1, variant="synthesis.iterations=500 eval.soft.augment.cutmix=1.0"),
+            _test_row("random_real", [79.0], 0.1, variant="eval.soft.augment.cutmix=1.0"),  # same students
             _test_row("wmdd", [50.0], 1.0, ipc=1)]  # nothing to compare with: no line
     lines = _make_tables().criterion_table(rows).splitlines()[2:]
-    assert len(lines) == 3
-    hard, plain, variant = lines
+    assert len(lines) == 4
+    hard, plain, variant, cutmix = lines
     assert "| hard |" in hard and "| 70.00 ± 0.50 (1) | -10.00 (no) |" in hard
     assert ("| † | 88.10 ± 0.10 (2) | 87.00 ± 0.30 (2) | +1.10 (yes) | 87.90 ± 0.20 (2) | +0.20 (no) "
             "| 88.50 ± 0.00 (2) | -0.40 (no) |") in plain
     assert ("[`synthesis.iterations=500`] | 87.00 ± 0.30 (2) | +0.00 (no) | 86.00 ± 0.05 (1) | +1.00 (yes) "
             "| 88.50 ± 0.00 (2) | -1.50 (no) |") in variant
     assert hard.endswith("|  |  |  |  |")
+    assert "| 79.00 ± 0.10 (1) | +1.00 (yes) |  |  |  |  |" in cutmix
     assert _make_tables().criterion_table([_test_row("wmdd", [1.0], 0.0)]) == ""

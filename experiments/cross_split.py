@@ -29,15 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
 from wmdd_jax import checkpoint as ckpt  # noqa: E402
 from wmdd_jax import results  # noqa: E402
-from wmdd_jax.data import load_split, normalize  # noqa: E402
+from wmdd_jax.data import load_split  # noqa: E402
 from wmdd_jax.errors import UserError  # noqa: E402
 from wmdd_jax.teacher import model_from_spec  # noqa: E402
-from wmdd_jax.train import init_variables  # noqa: E402
+from wmdd_jax.train import init_variables, predict_classes  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "fashion_mnist_cross_split.jsonl")
 
@@ -51,17 +50,6 @@ def student_dirs(candidate_dir: str, ipc: int) -> dict[int, str]:
         raise UserError(f"no finished soft-label ConvNet-3 students under {candidate_dir}/eval/*/ipc{ipc}; "
                         "run experiments/tune_fashion_mnist.py for that candidate first")
     return dict(sorted(found.items()))
-
-
-def predictions(model, variables: dict, source, batch_size: int = 500) -> np.ndarray:
-    """The student's predicted class of every image of ``source``."""
-    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
-    predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, normalize(x, mean, std), train=False), -1))
-    n, out = len(source), []
-    for start in range(0, n, batch_size):
-        idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # one shape: one compile
-        out.append(np.asarray(predict(variables, source.get(idx)[0])))
-    return np.concatenate(out)[:n]
 
 
 def main() -> None:
@@ -91,7 +79,7 @@ def main() -> None:
             with open(os.path.join(d, "result.json")) as f:
                 recorded = json.load(f)["test_accuracy"]  # the search's score: the validation split
             for split, source in splits.items():
-                hit = predictions(model, variables, source) == source.labels
+                hit = predict_classes(model, variables, source) == source.labels
                 per_split[split].append(round(100 * float(hit.mean()), 2))
                 per_class[split].append([round(100 * float(hit[source.labels == k].mean()), 2)
                                          for k in range(source.num_classes)])

@@ -58,11 +58,13 @@ def main() -> None:
     if not modes or any(m not in ("soft", "hard") for m in modes):
         parser.error(f"--label-modes must be a tuple of 'soft' and/or 'hard', got {args.label_modes!r}")
 
-    key = lambda override: override.split("=", 1)[0]  # noqa: E731
+    def keys(overrides):
+        return {o.split("=", 1)[0] for o in overrides}
+
     for method in args.methods:
         if method not in METHODS:
             parser.error(f"unknown method {method!r}; --methods takes any of {sorted(METHODS)}")
-        clash = {key(o) for o in METHODS[method]} & {key(o) for o in extra}
+        clash = keys(METHODS[method]) & keys(extra)
         if clash:
             parser.error(f"{sorted(clash)} would override what makes {method!r} itself; run it without them")
 

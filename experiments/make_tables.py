@@ -50,8 +50,8 @@ def criterion_table(rows: list[dict]) -> str:
     A WMDD row (any recipe variant) is paired with the random-real row of its dataset, model, IPC,
     label mode, teacher (any teacher for hard labels) and student recipe (its ``eval.*`` overrides),
     with the no-barycenter row of the same recipe, and with ``barycenter_real`` (WMDD's initial
-    images, not optimised) of the same student recipe. "Ahead by more than one std" means the gap in means exceeds the larger of the two
-    standard deviations.
+    images, not optimised) of the same student recipe. "Ahead by more than one std" means the gap
+    in means exceeds the larger of the two standard deviations.
     """
     rows = [r for r in rows if r.get("metric") == "test_accuracy" and r.get("ipc") is not None]
     marks = teacher_marks(rows)

@@ -168,25 +168,27 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> n
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_fn(model: nn.Module):
+def _predict_fn(model: nn.Module):
     @jax.jit
-    def correct(variables, images, labels, mask, mean, std):
-        logits = model.apply(variables, normalize(images, mean, std), train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
-    return correct
+    def predict(variables, images, mean, std):
+        return jnp.argmax(model.apply(variables, normalize(images, mean, std), train=False), -1)
+    return predict
+
+
+def predict_classes(model: nn.Module, variables: dict, source: Source, batch_size: int = 500) -> np.ndarray:
+    """``[len(source)]`` predicted classes of all of ``source``; last batch padded, one compile per model."""
+    predict = _predict_fn(model)
+    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    n, out = len(source), []
+    for start in range(0, n, batch_size):
+        images, _ = source.get(np.minimum(np.arange(start, start + batch_size), n - 1))
+        out.append(predict(variables, images, mean, std))
+    return np.concatenate([np.asarray(p) for p in out])[:n]
 
 
 def evaluate_accuracy(model: nn.Module, variables: dict, source: Source, batch_size: int = 500) -> float:
-    """Top-1 accuracy (%) of ``model`` on all of ``source``; last batch padded, one compile."""
-    correct_fn = _eval_fn(model)
-    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
-    total, n = 0, len(source)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = (idx < n).astype(np.float32)
-        images, labels = source.get(np.minimum(idx, n - 1))
-        total += correct_fn(variables, images, labels, mask, mean, std)
-    return 100.0 * float(total) / n
+    """Top-1 accuracy (%) of ``model`` on all of ``source``."""
+    return 100.0 * float(np.mean(predict_classes(model, variables, source, batch_size) == source.labels))
 
 
 def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,

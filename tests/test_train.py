@@ -105,6 +105,19 @@ def test_recipe_is_enforced_only_once_there_are_outputs(tmp_path):
     check_recipe(str(folder), {"lr": 0.2, "crop": (0.5, 1.0)}, "a run")
 
 
+def test_a_diverging_run_stops_with_the_step_and_the_key(tmp_path, splits):
+    """A learning rate that sends the loss to NaN: one UserError naming the step and the config key,
+    no result and no checkpoint of the diverged state."""
+    spec = tiny_spec(lr=1e6, checkpoint_every_steps=1000, log_every_steps=1000)  # checked before the last save
+    model = create_model("convnet3", 10, norm="batch", width=8, conv_impl=CONV_IMPL)
+    with pytest.raises(UserError, match=r"teacher: the training loss became non-finite at step (\d+) of 26; .*"
+                                        r"lower --config\.teacher\.lr \(now 1000000\.0\)") as e:
+        train(model, spec, splits[0], str(tmp_path), seed=0, desc="teacher", config_key="teacher", verbose=False)
+    assert int(e.value.args[0].split("at step ")[1].split()[0]) < 26  # the first bad step, not the last
+    assert not os.path.exists(tmp_path / "result.json")
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
 def test_cutmix_with_hard_labels_is_a_user_error(tmp_path, splits):
     model = create_model("convnet3", 10, norm="instance", width=4, conv_impl=CONV_IMPL)
     spec = tiny_spec(epochs=1)

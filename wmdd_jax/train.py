@@ -194,7 +194,8 @@ def evaluate_accuracy(model: nn.Module, variables: dict, source: Source, batch_s
 def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
           test_source: Source | None = None, teacher: Teacher | None = None,
           weights: np.ndarray | None = None, stored_targets: np.ndarray | None = None,
-          data_seed: int | None = None, desc: str = "train", verbose: bool = True) -> TrainResult:
+          data_seed: int | None = None, desc: str = "train", verbose: bool = True,
+          config_key: str = "", inputs: dict | None = None) -> TrainResult:
     """Trains ``model`` from scratch (or resumes in ``workdir``) and tests it.
 
     Args:
@@ -207,6 +208,12 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
       seed: initialisation; ``data_seed`` (default ``seed``): batch order and augmentation.
       stored_targets: soft labels from `wmdd_jax.relabel` ([total_steps, batch, classes]), made
         with the same ``data_seed``; they replace the online teacher.
+      config_key: where ``spec`` sits in the config (e.g. ``teacher``, ``eval.soft``), for messages.
+      inputs: fingerprints of what the run learns from (e.g. ``{"teacher": ..., "images": ...}``),
+        recorded in its recipe: a finished run is reused only for the same inputs.
+
+    Raises:
+      UserError: when the loss becomes NaN or infinite (nothing of the diverged run is saved).
     """
     os.makedirs(workdir, exist_ok=True)
     result_path = os.path.join(workdir, "result.json")
@@ -223,7 +230,8 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     data_seed = seed if data_seed is None else data_seed
     recipe = {k: v for k, v in spec.to_dict().items() if k not in BOOKKEEPING}
     ckpt.check_recipe(workdir, dict(recipe, seed=seed, data_seed=data_seed, num_examples=n,
-                                    stored_soft_labels=stored_targets is not None), "a training run")
+                                    stored_soft_labels=stored_targets is not None, **(inputs or {})),
+                      "a training run")
     init_rng, step_rng = jax.random.key(seed), data_key(data_seed)
     variables = init_variables(model, init_rng, source.image_shape)
     tx = make_optimizer(spec, total_steps)
@@ -250,7 +258,19 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     t0, last_save = time.time(), time.time()
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not verbose or jax.process_index() != 0,
                dynamic_ncols=True, leave=False)
-    running = []
+    running, unchecked = [], []
+
+    def check_finite(params=None):  # before anything is logged or saved: a diverged state must not be kept
+        bad = next((s for s, loss in unchecked if not np.isfinite(float(loss))), None)
+        if bad is None and params is not None and not all_finite(params):
+            bad = unchecked[-1][0] if unchecked else start  # the last update gave non-finite weights
+        unchecked.clear()
+        if bad is not None:
+            key = f"--config.{config_key}.lr" if config_key else "the learning rate (lr)"
+            raise UserError(f"{desc}: the training loss became non-finite at step {bad} of {total_steps}; the run "
+                            f"diverged: lower {key} (now {spec.lr}), then rerun (the last good checkpoint in "
+                            f"{workdir} is kept)")
+
     try:
         with open(metrics_path, "a") as metrics_file:
             for step in range(start, total_steps):
@@ -260,7 +280,9 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
                 state, metrics = step_fn(state, images, labels, weights[idx], step_rng, teacher_vars, stored)
                 running.append(metrics)
                 done_steps = step + 1
+                unchecked.append((done_steps, metrics["loss"]))
                 if done_steps % log_every == 0 or done_steps == total_steps:
+                    check_finite()
                     m = {k: float(np.mean([float(r[k]) for r in running])) for k in running[0]}
                     running = []
                     metrics_file.write(json.dumps({"step": done_steps, **m}) + "\n")
@@ -270,6 +292,7 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
                 if (done_steps % int(spec.checkpoint_every_steps) == 0
                         or time.time() - last_save > float(spec.checkpoint_every_secs)
                         or done_steps == total_steps):
+                    check_finite(state.params)
                     ckpt.save(manager, done_steps, state)
                     last_save = time.time()
     finally:  # an interrupted run still finishes writing the checkpoint in flight
@@ -284,6 +307,12 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
         json.dump({"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds, "resumed_from": start,
                    "images_per_s": (total_steps - start) * batch_size / max(seconds, 1e-9)}, f)
     return TrainResult(variables, accuracy, total_steps, seconds)
+
+
+def all_finite(tree) -> bool:
+    """Whether every leaf of ``tree`` is free of NaN and infinity (one device reduction, one host sync)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
 
 
 # Config keys that change how a run is logged or saved, not what it computes.

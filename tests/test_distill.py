@@ -142,6 +142,70 @@ def test_zero_iterations_keep_the_nearest_real_images(distilled, tmp_path):
         distill.recover(config, str(tmp_path / "bad"))
 
 
+def _other_teacher(workdir, folder, change):
+    """A copy of ``workdir``'s teacher with ``change(variables)`` applied to its weights."""
+    from wmdd_jax.checkpoint import save_tree
+
+    teacher = load_teacher(tiny_config(), workdir)
+    shutil.copytree(os.path.join(workdir, "teacher"), folder)
+    save_tree(os.path.join(folder, "final"), change(jax.tree.map(np.array, teacher.variables)))
+    return str(folder)
+
+
+def test_another_teacher_is_refused_by_every_stage_downstream(distilled, tmp_path):
+    """A finished work directory rerun with another teacher: statistics, barycenters, images and
+    students made with the first one are refused, not reused."""
+    from wmdd_jax.evaluate import evaluate
+
+    config, workdir = distilled
+    config = config.copy_and_resolve_references()
+    config.synthesis.iterations = 2
+    swap = tmp_path / "swap"
+    shutil.copytree(workdir, swap)
+    distill.recover(config, str(swap))
+    config.eval.label_modes = ("soft",)
+    config.eval.soft.epochs = 1
+    evaluate(config, str(swap))
+
+    def nudge(variables):
+        variables["params"]["conv0"]["kernel"][0, 0, 0, 0] += 1e-3
+        return variables
+
+    config.teacher.checkpoint = _other_teacher(workdir, tmp_path / "other", nudge)
+    for stage, what in ((distill.statistics, "class statistics"), (distill.barycenter, "barycenters"),
+                        (distill.recover, "a synthetic set")):
+        with pytest.raises(UserError, match=f"holds {what} of another recipe \\(teacher: "):
+            stage(config, str(swap))
+    with pytest.raises(UserError, match="a training run of another recipe \\(teacher: "):
+        evaluate(config, str(swap))
+    # A teacher whose weights hold a NaN is refused when loaded.
+    config.teacher.checkpoint = _other_teacher(workdir, tmp_path / "nan", lambda v: jax.tree.map(
+        lambda x: np.full_like(x, np.nan), v))
+    with pytest.raises(UserError, match="NaN or infinite values"):
+        load_teacher(config, str(swap))
+
+
+def test_non_finite_barycenters_and_images_are_not_written(distilled, tmp_path):
+    config, workdir = distilled
+    config = config.copy_and_resolve_references()
+    w = tmp_path / "w"
+    shutil.copytree(workdir, w, ignore=shutil.ignore_patterns("barycenter", "synthetic", "eval"))
+    config.synthesis.lr = float("nan")  # an optimiser that diverges: every pixel NaN after one step
+    config.synthesis.iterations = 1
+    with pytest.raises(UserError, match=r"synthetic images of classes \[0, 1, .*9\] are not finite"):
+        distill.recover(config, str(w))
+    assert not os.path.exists(w / "synthetic" / "images.npz")
+    path = w / "statistics" / "class_00003.npz"  # features of one class with a NaN
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["features"][0, 0] = np.nan
+    write_npz(str(path), **arrays)
+    shutil.rmtree(w / "barycenter")
+    with pytest.raises(UserError, match=r"barycenters of classes \[3\] are not finite"):
+        distill.barycenter(config, str(w))
+    assert not os.path.exists(w / "barycenter" / "class_00003.npz")
+
+
 def test_stored_soft_labels_are_the_online_teacher(distilled):
     config, workdir = distilled
     teacher = load_teacher(config, workdir)
@@ -160,11 +224,16 @@ def test_stored_soft_labels_are_the_online_teacher(distilled):
     # Stored labels name their augmentation: a student recipe without CutMix refuses them.
     folder = os.path.join(workdir, "stored_cutmix")
     os.makedirs(folder)
+    made_by = {"teacher": "t" * 16, "images": "i" * 16}
     write_npz(os.path.join(folder, relabel.SOFT_LABELS_FILE), logits=logits, data_seed=4, epochs=spec.epochs,
-              batch_size=batch_size, num_images=len(images), augment=relabel._augment_recipe(spec))
-    assert relabel.load_soft_labels(folder, spec, len(images))[1] == 4
+              batch_size=batch_size, num_images=len(images), augment=relabel._augment_recipe(spec), **made_by)
+    assert relabel.load_soft_labels(folder, spec, len(images), made_by)[1] == 4
     with pytest.raises(UserError, match="augmentation"):
-        relabel.load_soft_labels(folder, config.eval.soft, len(images))
+        relabel.load_soft_labels(folder, config.eval.soft, len(images), made_by)
+    # ... and the teacher and image set they came from.
+    for key, what in (("teacher", "another teacher"), ("images", "another image set")):
+        with pytest.raises(UserError, match=what):
+            relabel.load_soft_labels(folder, spec, len(images), dict(made_by, **{key: "x" * 16}))
 
 
 def test_all_stages_from_the_command_line(tmp_path):

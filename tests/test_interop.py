@@ -218,6 +218,11 @@ def test_checkpoint_file_becomes_the_teacher(tmp_path):
     assert teacher.model.norm == "batch" and teacher.model.width == 8
     for a, b in zip(jax.tree.leaves(teacher.variables), jax.tree.leaves(variables)):
         np.testing.assert_array_equal(a, b)
+    # A checkpoint holding a NaN is refused, not used to make NaN targets.
+    state["features.0.weight"][0, 0, 0, 0] = np.nan
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    with pytest.raises(UserError, match=r"NaN or infinite values in .*conv0.*retrain it"):
+        load_teacher(config, str(tmp_path))
     # A checkpoint of another architecture ends in one UserError naming the keys.
     config.teacher.width = 16
     with pytest.raises(UserError, match=r"width=16 .*features\.0\.weight is \[8, 1, 3, 3\], expected \[16, 1, 3, 3\]"):

@@ -38,6 +38,8 @@ from wmdd_jax import sharding
 from wmdd_jax.data import Source, augment, denormalize, load_split, normalize
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
+from wmdd_jax.teacher import identity as teacher_identity
+from wmdd_jax.teacher import load_teacher
 from wmdd_jax.train import BOOKKEEPING, Teacher
 
 STATS_DIR, BARYCENTER_DIR, SYNTHETIC_DIR = "statistics", "barycenter", "synthetic"
@@ -155,16 +157,23 @@ def _owned(mesh, num_classes: int) -> list[int]:
     return classes
 
 
+def data_recipe(data_config, source: Source) -> dict:
+    """What fixes the training images a stage reads: the data settings and the split's size."""
+    keys = ("name", "tfds_name", "image_size", "validation_per_class", "validation_seed")
+    return {"data": {k: data_config.get(k) for k in keys}, "num_train_images": len(source)}
+
+
 def statistics(config, workdir: str) -> ClassStatistics:
     """Stage ``statistics`` for this process's classes; skipped when their files exist."""
-    from wmdd_jax.teacher import load_teacher
-
     folder = os.path.join(workdir, STATS_DIR)
     source = load_split(config.data, "train")
     classes = _owned(sharding.make_mesh(config.mesh), source.num_classes)
+    teacher = load_teacher(config, workdir)
+    ckpt.check_recipe(folder, dict(data_recipe(config.data, source), teacher=teacher_identity(teacher),
+                                   max_features_per_class=int(config.barycenter.max_features_per_class),
+                                   seed=int(config.seed)), "class statistics")
     if all(os.path.exists(_class_file(folder, k)) for k in classes):
         return load_statistics(folder, classes)
-    teacher = load_teacher(config, workdir)
     t0 = time.time()
     stats = class_statistics(teacher, source, classes=classes, seed=config.seed,
                              max_features_per_class=config.barycenter.max_features_per_class)
@@ -216,12 +225,18 @@ def load_barycenters(folder: str, classes: list[int]) -> dict[str, np.ndarray]:
     return {key: np.stack([r[key] for r in rows]) for key in BARYCENTER_KEYS}
 
 
-def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
-    """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged)."""
+def barycenter(config, workdir: str, teacher_id: str | None = None) -> dict[str, np.ndarray]:
+    """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged).
+
+    ``teacher_id``: the identity of the teacher (`wmdd_jax.teacher.identity`), if the caller holds it.
+    """
     folder = os.path.join(workdir, BARYCENTER_DIR)
+    if teacher_id is None:
+        teacher_id = teacher_identity(load_teacher(config, workdir))
     recipe = {k: v for k, v in config.barycenter.to_dict().items() if k != "batch_size"}  # batch_size: speed
-    ckpt.check_recipe(folder, dict(recipe, ipc=int(config.ipc), seed=int(config.seed)), "barycenters")
     source = load_split(config.data, "train")
+    ckpt.check_recipe(folder, dict(recipe, **data_recipe(config.data, source), teacher=teacher_id,
+                                   ipc=int(config.ipc), seed=int(config.seed)), "barycenters")
     classes = _owned(sharding.make_mesh(config.mesh), source.num_classes)
     if all(os.path.exists(_class_file(folder, k)) for k in classes):
         out = load_barycenters(folder, classes)
@@ -234,6 +249,10 @@ def barycenter(config, workdir: str) -> dict[str, np.ndarray]:
     res = compute_barycenters(stats, config.ipc, config.barycenter, config.seed, source.num_classes)
     os.makedirs(folder, exist_ok=True)
     out = {key: np.asarray(getattr(res, key)) for key in BARYCENTER_KEYS}
+    bad = [k for k, support in zip(classes, out["support"]) if not np.all(np.isfinite(support))]
+    if bad:
+        raise UserError(f"the barycenters of classes {bad} are not finite (their teacher features hold NaN or "
+                        f"infinity); check the teacher and the data, then rerun 'statistics' in a new --workdir")
     for i, k in enumerate(classes):
         ckpt.write_npz(_class_file(folder, k), **{key: v[i] for key, v in out.items()})
     print(f"barycenter: {len(classes)} classes x {config.ipc} points, mean W2^2 {out['cost'].mean():.4g} "
@@ -408,8 +427,6 @@ def recover(config, workdir: str) -> np.ndarray:
     Several processes each write ``synthetic/images.processP-of-N.npz`` (their classes); process 0
     joins them into ``synthetic/images.npz`` when it sees them all (a shared work directory).
     """
-    from wmdd_jax.teacher import load_teacher
-
     out_dir = os.path.join(workdir, SYNTHETIC_DIR)
     out_file = os.path.join(out_dir, "images.npz")
     cfg = config.synthesis
@@ -417,7 +434,10 @@ def recover(config, workdir: str) -> np.ndarray:
         raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
                         f"got {cfg.iterations}")
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in (*BOOKKEEPING, "method")}
-    ckpt.check_recipe(out_dir, dict(recipe, ipc=int(config.ipc), seed=int(config.seed)), "a synthetic set")
+    teacher = load_teacher(config, workdir)
+    teacher_id = teacher_identity(teacher)
+    ckpt.check_recipe(out_dir, dict(recipe, teacher=teacher_id, ipc=int(config.ipc), seed=int(config.seed)),
+                      "a synthetic set")
     multi = jax.process_count() > 1
     mine = _shard_file(out_dir) if multi else out_file
     if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):
@@ -428,8 +448,7 @@ def recover(config, workdir: str) -> np.ndarray:
     classes = _owned(mesh, C)
     C_pad = sharding.num_padded_classes(C, mesh)
     stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
-    bc = barycenter(config, workdir)
-    teacher = load_teacher(config, workdir)
+    bc = barycenter(config, workdir, teacher_id)
     row = {k: i for i, k in enumerate(classes)}
 
     def by_class(arrays):  # this process's rows -> a class-sharded global array
@@ -487,6 +506,12 @@ def recover(config, workdir: str) -> np.ndarray:
     rows = sharding.local_class_rows(state.images, C)
     pixels = np.clip(np.asarray(denormalize(np.stack([rows[k] for k in classes]), source.mean, source.std)), 0, 1)
     pixels = pixels.reshape(len(classes) * m, *pixels.shape[2:])
+    finite = np.isfinite(pixels).reshape(len(classes), -1).all(1)
+    if not sharding.all_processes_agree(bool(finite.all())):  # every process stops, none waits on the others
+        bad = [k for k, ok in zip(classes, finite) if not ok]
+        raise UserError(f"recover: the synthetic images of classes {bad or 'on another process'} are not finite "
+                        f"(the optimisation diverged); nothing was written. Lower --config.synthesis.lr (now "
+                        f"{cfg.lr}) and delete {out_dir} to start it over")
     os.makedirs(out_dir, exist_ok=True)
     ckpt.write_npz(mine, images=pixels, labels=np.repeat(np.asarray(classes), m).astype(np.int32),
                    weights=(bc["weights"] * m).reshape(-1).astype(np.float32), method=np.array(method_name(config)))

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import numpy as np
+
 from wmdd_jax import checkpoint as ckpt
 from wmdd_jax.data import Source, load_split
 from wmdd_jax.errors import UserError
+from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.models import create_model
 from wmdd_jax.train import Teacher, init_variables, train
 
 _MODEL_FILE = "model.json"
+IDENTITY_FILE = "identity.json"
 
 
 def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
@@ -40,10 +45,14 @@ def pretrain(config, workdir: str) -> Teacher:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, _MODEL_FILE), "w") as f:
         json.dump(_describe(spec, train_source), f)
-    result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher")
+    result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher",
+                   config_key="teacher")
+    teacher = Teacher(model, result.variables)
+    with open(os.path.join(out, IDENTITY_FILE), "w") as f:
+        json.dump({"teacher": identity(teacher)}, f)
     print(f"teacher: test accuracy {result.test_accuracy:.2f}% after {result.steps} steps "
           f"({result.seconds / 60:.1f} min)")
-    return Teacher(model, result.variables)
+    return teacher
 
 
 def load_teacher(config, workdir: str) -> Teacher:
@@ -52,7 +61,7 @@ def load_teacher(config, workdir: str) -> Teacher:
     if os.path.isfile(folder):  # a PyTorch checkpoint (.pth/.pt) of the architecture config.teacher names
         from wmdd_jax.interop import load_torch_teacher
 
-        return load_torch_teacher(config, folder)
+        return _finite(load_torch_teacher(config, folder), folder)
     described = os.path.join(folder, _MODEL_FILE)
     if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
         raise UserError(f"no finished teacher in {folder}: run 'python -m wmdd_jax pretrain' with this "
@@ -61,11 +70,30 @@ def load_teacher(config, workdir: str) -> Teacher:
         d = json.load(f)
     model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
                          conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
-    import jax
-
     # Shapes only (no init to run); on this process's first device, as a fresh init would be: a
     # target without a sharding makes a multi-process restore wait on the other processes.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           jax.eval_shape(lambda: init_variables(model, jax.random.key(0), tuple(d["image_shape"]))))
-    return Teacher(model, ckpt.load_tree(os.path.join(folder, "final"), target))
+    return _finite(Teacher(model, ckpt.load_tree(os.path.join(folder, "final"), target)), folder)
+
+
+def _finite(teacher: Teacher, where: str) -> Teacher:
+    """``teacher``, or a UserError if any weight or BN statistic is NaN or infinite."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(teacher.variables)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise UserError(f"the teacher in {where} has NaN or infinite values in "
+                            f"{jax.tree_util.keystr(path)} (a diverged or corrupted teacher): retrain it (e.g. lower --config.teacher.lr) or pass "
+                            f"another --config.teacher.checkpoint")
+    return teacher
+
+
+def identity(teacher: Teacher) -> str:
+    """The teacher's fingerprint (`wmdd_jax.fingerprint`) over every parameter and BN statistic.
+
+    Two teachers share it only if they compute the same function. Every stage downstream of the
+    teacher records it in its ``recipe.json``, so a work directory's statistics, barycenters,
+    images and students are never reused under another teacher. ``pretrain`` writes it to
+    ``teacher/identity.json``.
+    """
+    return fingerprint(teacher.variables)

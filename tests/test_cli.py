@@ -17,10 +17,13 @@ TINY = [
 ]
 
 
-def cli(*args, workdir="/nonexistent-wmdd"):
+def cli(*args, workdir="/nonexistent-wmdd", cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "wmdd_jax", *args, f"--workdir={workdir}"], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "wmdd_jax", *args, f"--workdir={workdir}"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+FM = "--config=configs/fashion_mnist.py"
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -33,9 +36,36 @@ def cli(*args, workdir="/nonexistent-wmdd"):
       "--config.eval.source=random_real", "--config.ipc=500"], "fewer than ipc=500"),
     (["evaluate", "--config=configs/fashion_mnist.py", f"--config.data.data_dir={FMNIST_SUBSET}",
       "--config.eval.source=random_real", "--config.eval.label_modes=('soft',)"], "no finished teacher"),
+    (["pretrain", FM, "--config.ipc=0"], "--config.ipc=0 is not valid: it takes a whole number >= 1"),
+    (["evaluate", FM, "--config.ipc=-3"], "--config.ipc=-3 is not valid"),
+    # A typo is named with its key before anything runs (not after an hour of teacher training).
+    (["all", FM, "--config.teacher.optimizer=sdg"], "--config.teacher.optimizer='sdg' is not valid: use one of sgd"),
+    (["all", FM, "--config.eval.soft.schedule=cosin"], "--config.eval.soft.schedule='cosin' is not valid"),
+    (["all", FM, "--config.teacher.model=resnet81"], "--config.teacher.model='resnet81' is not valid"),
+    (["all", FM, "--config.eval.models=('convnet3','convnet5')"], "'convnet5' is not a model"),
+    (["evaluate", FM, "--config.eval.seeds=(0,0,0)"], "--config.eval.seeds=(0, 0, 0) is not valid: give distinct"),
+    (["pretrain", FM, "--config.ipcs=3"], 'unknown config key \'ipcs\' in a --config.* override: it must name a '
+     'field of the config file (see configs/default.py). Did you mean "ipc" instead of "ipcs"?'),
+    (["pretrain", FM + ":qick"], "unknown variant 'qick' of configs/fashion_mnist.py; use '' or 'quick'"),
 ])
 def test_bad_input_is_one_line(args, expected, tmp_path):
     out = cli(*args, workdir=str(tmp_path))
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wmdd_jax: error:") and expected in lines[0], out.stderr
+
+
+def test_work_directory_problems_are_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for workdir, expected in ((tmp_path / "a_file", "is a file, not a folder"),
+                              (tmp_path / "a_file" / "sub", "cannot create --workdir")):
+        out = cli("pretrain", FM, workdir=str(workdir))
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+            out.stderr.strip().splitlines()[0]] and expected in out.stderr, out.stderr
+
+
+def test_config_files_load_from_any_working_directory(tmp_path):
+    """Outside the repository the config's own ``from configs import default`` still resolves."""
+    out = cli("pretrain", f"--config={ROOT}/configs/fashion_mnist.py", "--config.ipc=0", workdir=str(tmp_path),
+              cwd=str(tmp_path))
+    assert out.returncode == 2 and "--config.ipc=0 is not valid" in out.stderr, out.stderr

@@ -1,5 +1,6 @@
 """The training loop: learning, soft labels, exact resume after an interruption, bad checkpoints."""
 
+import json
 import os
 
 import jax
@@ -53,8 +54,11 @@ def test_resume_after_interruption_is_exact(tmp_path, splits):
     with pytest.raises(Interrupted):
         train(model, spec, FailingSource(train_source, 8), str(tmp_path / "cut"), seed=3, verbose=False)
     assert not os.path.exists(tmp_path / "cut" / "result.json")
-    resumed = train(model, spec, train_source, str(tmp_path / "cut"), seed=3, test_source=test_source,
-                    verbose=False)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # killed mid-line: repaired on resume
+        f.write('{"step": 9, "lo')
+    with pytest.warns(UserWarning, match="cut-off last line"):
+        resumed = train(model, spec, train_source, str(tmp_path / "cut"), seed=3, test_source=test_source,
+                        verbose=False)
     for a, b in zip(jax.tree.leaves(full.variables), jax.tree.leaves(resumed.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert resumed.test_accuracy == full.test_accuracy
@@ -65,6 +69,13 @@ def test_resume_after_interruption_is_exact(tmp_path, splits):
     # A finished run is loaded, not retrained.
     again = train(model, spec, train_source, str(tmp_path / "full"), seed=3, verbose=False)
     assert again.test_accuracy == full.test_accuracy
+    # A result cut off mid-write is redone from the last checkpoint, not fatal.
+    result = tmp_path / "full" / "result.json"
+    result.write_text(result.read_text()[:10])
+    with pytest.warns(UserWarning, match="unreadable"):
+        redone = train(model, spec, train_source, str(tmp_path / "full"), seed=3, test_source=test_source,
+                       verbose=False)
+    assert redone.test_accuracy == full.test_accuracy and json.loads(result.read_text())["resumed_from"] == full.steps
     # ... if it is of the same recipe: another augmentation or seed is refused, a logging change is not.
     other = spec.copy_and_resolve_references()
     other.augment.shift = 0

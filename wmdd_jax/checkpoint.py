@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from wmdd_jax import files
 from wmdd_jax.errors import UserError
 
 
@@ -41,11 +42,28 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
 
 def write_npz(path: str, **arrays) -> None:
     """``np.savez`` made atomic: a reader (or a resumed run) never sees half a file."""
+    import io
+
     import numpy as np
 
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def read_npz(path: str, stage: str) -> dict:
+    """Every array of the ``.npz`` at ``path``, read now; a damaged or cut-off file is a `UserError`
+    that says to rerun ``stage`` (the stage that writes it)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it is damaged or was cut "
+                        f"off: delete it and rerun the '{stage}' stage") from e
 
 
 def save_tree(path: str, tree: Any) -> None:
@@ -80,14 +98,11 @@ def check_recipe(folder: str, recipe: dict, what: str) -> None:
     outputs = any(name != "recipe.json" and not name.endswith(".tmp")
                   for _, _, names in os.walk(folder) for name in names)
     if not os.path.exists(path) or not outputs:
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # atomic: several processes may write the same recipe
-        with open(tmp, "w") as f:
-            json.dump(recipe, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        files.write_json(path, recipe, indent=1, sort_keys=True)  # atomic: processes may write it together
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = files.read_json(path)
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is unreadable, so what {folder} holds is unknown: delete {folder} to redo it")
     changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} there, {recipe.get(k)!r} now" for k in changed)

@@ -12,7 +12,9 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from wmdd_jax.config_check import check_config
 from wmdd_jax.errors import UserError
+from wmdd_jax.files import WorkdirLock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, arrays, metrics and results go here.")
@@ -43,20 +45,39 @@ def _fail(message: str) -> None:
 
 def _parse(argv: list[str]) -> list[str]:
     for arg in argv:
-        if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
-            _fail(f"config file {arg.split('=', 1)[1]!r} not found; use one of configs/*.py")
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":")[0]
+            if not os.path.isfile(path):
+                _fail(f"config file {arg.split('=', 1)[1]!r} not found; use one of configs/*.py")
+            # Config files import their defaults as the package they sit in (``from configs import
+            # default``): make that package importable from any working directory.
+            folder = os.path.dirname(os.path.abspath(path))
+            if os.path.exists(os.path.join(folder, "__init__.py")) and os.path.dirname(folder) not in sys.path:
+                sys.path.insert(0, os.path.dirname(folder))
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{e}".splitlines()[0] + " (see --helpfull)")
+        # config_flags wraps the config file's own error (e.g. an unknown variant) in its chain.
+        inner = e
+        while (inner.__cause__ or inner.__context__) is not None:
+            inner = inner.__cause__ or inner.__context__
+        head = _first_line(e).split(": Error whilst")[0]
+        reason = _first_line(inner)
+        _fail(f"{head}{'' if reason in head else ': ' + reason} (see --helpfull)")
     except (KeyError, AttributeError) as e:  # config_flags: an override of a key the config lacks
-        key = str(e.__context__ or e).strip("'\"")
-        _fail(f"unknown config key {key!r} in a --config.* override: it must name a field of the config "
-              f"file (see configs/default.py)")
+        error = e.__context__ if isinstance(e.__context__, KeyError) else e
+        text = str(error.args[0]) if error.args else str(error)
+        key, _, hint = text.partition("\n")
+        hint = f" {hint.strip()}" if hint.strip() else ""
+        _fail(f"unknown config key {key.strip(chr(39) + chr(34))!r} in a --config.* override: it must name a "
+              f"field of the config file (see configs/default.py).{hint}")
     except Exception as e:  # config_flags raises AttributeError/TypeError/ValueError for bad overrides
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        _fail(f"bad --config override: {message}")
+        _fail(f"bad --config override: {_first_line(e)}")
     return []
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def main(argv: list[str]) -> None:
@@ -69,14 +90,35 @@ def main(argv: list[str]) -> None:
         _fail("--workdir is required: a folder for this run's checkpoints and results")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
     logging.set_verbosity(logging.WARNING)  # absl INFO (backend probing, orbax) would bury our output
-    os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
-        from wmdd_jax.sharding import initialize_distributed
+        check_config(config)
+        _make_workdir(FLAGS.workdir)
+        from wmdd_jax.sharding import initialize_distributed, process_index
 
         initialize_distributed(config)  # before any computation; a no-op unless asked for
-        _stages()[argv[1]](config, FLAGS.workdir)
+        # One lock per process of a run: the processes of one jax.distributed run share the folder.
+        name = ".lock" if process_index() == 0 else f".lock.process{process_index()}"
+        with WorkdirLock(FLAGS.workdir, name):
+            _stages()[argv[1]](config, FLAGS.workdir)
     except UserError as e:
         _fail(str(e))
+    except OSError as e:  # the file system said no (permissions, a full disk, a missing file)
+        if e.errno is None:
+            raise
+        where = f" {e.filename!r}" if e.filename else ""
+        _fail(f"cannot access{where}: {e.strerror or e} (check the path and its permissions, or pass another "
+              f"--workdir)")
+
+
+def _make_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --workdir={workdir} ({e.strerror or e}): pass a folder you can write to") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir={workdir} is not writable: pass a folder you can write to")
 
 
 def run() -> None:

@@ -9,11 +9,10 @@ on its own classes; ``pretrain`` needs a finished teacher (train it on one host 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
-from wmdd_jax import distill
+from wmdd_jax import distill, files
 from wmdd_jax.errors import UserError
 from wmdd_jax.evaluate import evaluate
 from wmdd_jax.relabel import relabel
@@ -58,16 +57,12 @@ def run_all(config, workdir):
 
 def _run(config, workdir, stages):
     path = os.path.join(workdir, "timings.json")
-    timings = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            timings = json.load(f)
+    timings = files.read_json(path, default={}, what="stage times")
     for name, stage in stages:
         t0 = time.time()
         stage(config, workdir)
         # The first completion is recorded; a rerun that finds the outputs skips and keeps it.
         timings.setdefault(name, round(time.time() - t0, 1))
         if process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(timings, f, indent=1)
+            files.write_json(path, timings, indent=1)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import shlex
 import sys
 
 import numpy as np
+
+from wmdd_jax import files
 
 
 def command_line() -> str:
@@ -33,26 +33,19 @@ def summary_row(*, dataset: str, method: str, model: str, ipc: int | None, label
     return row
 
 
-def append_jsonl(path: str, row: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+# Re-exported: the experiments read and append results through this module.
+append_jsonl, read_jsonl = files.append_jsonl, files.read_jsonl
 
 
 KEY_FIELDS = ("dataset", "method", "model", "ipc", "label_mode", "metric")
 
 
 def upsert_jsonl(path: str, row: dict, keys: tuple[str, ...] = KEY_FIELDS) -> None:
-    """Writes ``row`` into ``path``, replacing an earlier row with the same key fields."""
-    rows = [r for r in read_jsonl(path) if any(r.get(k) != row.get(k) for k in keys)]
-    rows.append(row)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    """Writes ``row`` into ``path``, replacing an earlier row with the same key fields.
+
+    The file is rewritten atomically under a lock (`wmdd_jax.files`): a kill mid-write leaves the
+    old rows, and two writers at once each keep the other's row.
+    """
+    with files.locked(path):
+        rows = [r for r in read_jsonl(path) if any(r.get(k) != row.get(k) for k in keys)]
+        files.write_jsonl(path, rows + [row])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
 
 from wmdd_jax import checkpoint as ckpt
+from wmdd_jax import files
 from wmdd_jax.data import Source, load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
@@ -43,13 +43,11 @@ def pretrain(config, workdir: str) -> Teacher:
     model = model_from_spec(spec, train_source.num_classes, config.conv_impl)
     out = os.path.join(workdir, "teacher")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, _MODEL_FILE), "w") as f:
-        json.dump(_describe(spec, train_source), f)
+    files.write_json(os.path.join(out, _MODEL_FILE), _describe(spec, train_source))
     result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher",
                    config_key="teacher")
     teacher = Teacher(model, result.variables)
-    with open(os.path.join(out, IDENTITY_FILE), "w") as f:
-        json.dump({"teacher": identity(teacher)}, f)
+    files.write_json(os.path.join(out, IDENTITY_FILE), {"teacher": identity(teacher)})
     print(f"teacher: test accuracy {result.test_accuracy:.2f}% after {result.steps} steps "
           f"({result.seconds / 60:.1f} min)")
     return teacher
@@ -66,8 +64,9 @@ def load_teacher(config, workdir: str) -> Teacher:
     if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
         raise UserError(f"no finished teacher in {folder}: run 'python -m wmdd_jax pretrain' with this "
                         f"--workdir first, or set --config.teacher.checkpoint to a teacher folder")
-    with open(described) as f:
-        d = json.load(f)
+    d = files.read_json(described, what="the teacher's architecture")
+    if not isinstance(d, dict):
+        raise UserError(f"{described} is unreadable: delete {folder} and rerun 'pretrain'")
     model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
                          conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
     # Shapes only (no init to run); on this process's first device, as a fresh init would be: a

@@ -30,6 +30,7 @@ import optax
 from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
+from wmdd_jax import files
 from wmdd_jax.data import Source, augment_batch, normalize
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import BN_STATS
@@ -238,9 +239,9 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
     final_path = os.path.join(workdir, "final")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            done = json.load(f)
+    # A result cut off by a kill (older runs wrote it in place) is redone from the last checkpoint.
+    done = files.read_json(result_path, what="a finished run's result")
+    if done is not None and os.path.exists(final_path):
         variables = ckpt.load_tree(final_path, _variables(state))
         return TrainResult(variables, done.get("test_accuracy"), total_steps, done.get("seconds", 0.0))
     manager = ckpt.manager(os.path.join(workdir, "checkpoints"))
@@ -302,10 +303,10 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
     variables = _variables(state)
     ckpt.save_tree(final_path, variables)
     accuracy = evaluate_accuracy(model, variables, test_source) if test_source is not None else None
-    with open(result_path, "w") as f:
-        # seconds and images/s cover this process's part of the run (from step ``resumed_from``).
-        json.dump({"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds, "resumed_from": start,
-                   "images_per_s": (total_steps - start) * batch_size / max(seconds, 1e-9)}, f)
+    # seconds and images/s cover this process's part of the run (from step ``resumed_from``).
+    files.write_json(result_path, {"test_accuracy": accuracy, "steps": total_steps, "seconds": seconds,
+                                   "resumed_from": start,
+                                   "images_per_s": (total_steps - start) * batch_size / max(seconds, 1e-9)})
     return TrainResult(variables, accuracy, total_steps, seconds)
 
 
@@ -327,10 +328,6 @@ def _variables(state: TrainState) -> dict:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drops metric lines logged after the checkpoint a run resumes from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    """Drops metric lines logged after the checkpoint a run resumes from, and a line cut off by a kill."""
+    if os.path.exists(path):
+        files.write_jsonl(path, [row for row in files.read_jsonl(path) if row.get("step", 0) <= step])

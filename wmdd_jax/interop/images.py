@@ -31,13 +31,13 @@ PyTorch evaluation saw. ZCA-whitened sets (MTT on CIFAR) cannot be inverted and 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from wmdd_jax import files
 from wmdd_jax.errors import UserError
 
 META_FILE = "wmdd_meta.json"
@@ -105,9 +105,14 @@ def read_image_folder(folder: str, channels: int | None = None) -> ImageSet:
     images, labels, names = [], [], []
     for k, name in classes:
         for f in _image_files(os.path.join(folder, name)):
-            with Image.open(os.path.join(folder, name, f)) as im:
-                mode = {1: "L", 3: "RGB"}.get(channels) or (im.mode if im.mode in ("L", "RGB") else "RGB")
-                a = np.asarray(im.convert(mode) if im.mode != mode else im, np.uint8)
+            file = os.path.join(folder, name, f)
+            try:
+                with Image.open(file) as im:
+                    mode = {1: "L", 3: "RGB"}.get(channels) or (im.mode if im.mode in ("L", "RGB") else "RGB")
+                    a = np.asarray(im.convert(mode) if im.mode != mode else im, np.uint8)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data
+                raise UserError(f"{file} is not a readable image ({type(e).__name__}: {str(e)[:120]}): "
+                                f"replace or delete it") from e
             images.append(a[..., None] if a.ndim == 2 else a)
             labels.append(k)
             names.append(f"{name}/{f}")
@@ -119,8 +124,7 @@ def read_image_folder(folder: str, channels: int | None = None) -> ImageSet:
     weights, method = np.ones(len(images), np.float32), DEFAULT_METHOD
     meta_path = os.path.join(folder, META_FILE)
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = files.read_json(meta_path, default={}, what="the set's method and weights")
         method = meta.get("method", method)
         stored = meta.get("weights", {})
         weights = np.array([stored.get(n, 1.0) for n in names], np.float32)
@@ -160,8 +164,7 @@ def write_image_folder(folder: str, images: np.ndarray, labels: np.ndarray, weig
     meta = {"method": method or DEFAULT_METHOD}
     if weights is not None:
         meta["weights"] = {n: float(w) for n, w in zip(names, np.asarray(weights, np.float64))}
-    with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump(meta, f, indent=0)
+    files.write_json(os.path.join(folder, META_FILE), meta, indent=0)
     return names
 
 

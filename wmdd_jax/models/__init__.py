@@ -16,6 +16,11 @@ from wmdd_jax.models.resnet import ResNet, ResNet18
 _REGISTRY = {"convnet3": ConvNet3, "convnet4": ConvNet4, "resnet18": ResNet18}
 
 
+def model_names() -> tuple[str, ...]:
+    """The names ``create_model`` takes (configs' ``model`` / ``eval.models``)."""
+    return tuple(sorted(_REGISTRY))
+
+
 def create_model(name: str, num_classes: int, *, norm: str = "instance", stem: str = "small",
                  width: int = 128, conv_impl: str = "auto", first_padding: int = -1) -> nn.Module:
     """Builds a registered model; options a model does not take are ignored."""
@@ -29,5 +34,5 @@ def create_model(name: str, num_classes: int, *, norm: str = "instance", stem: s
 
 __all__ = [
     "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "InstanceNorm", "ResNet", "ResNet18",
-    "collect_bn_moments", "create_model", "pooled_moments",
+    "collect_bn_moments", "create_model", "model_names", "pooled_moments",
 ]

@@ -35,10 +35,51 @@ def test_validation_split_is_held_out_of_train(fmnist_dir):
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):
-    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(UserError, match=r"'make data' \(apt-get install dataset-fashion-mnist\)"):
         load_fashion_mnist("train", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="unknown dataset"):
         load_split(ml_collections.ConfigDict(dict(name="mnist3d")), "train")
+
+
+def _damaged_copy(src, dst, name, change):
+    """A copy of the idx folder ``src`` in ``dst`` with file ``name``'s bytes replaced by ``change(bytes)``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / name
+    path.write_bytes(change(path.read_bytes()))
+    return str(dst)
+
+
+def _labels_gz(labels):
+    import gzip
+    import struct
+
+    return gzip.compress(struct.pack(">HBBI", 0, 8, 1, len(labels)) + bytes(labels))
+
+
+@pytest.mark.parametrize("name,change,message", [
+    # A label of 200 in a 10-class set: before, it trained on (and reported) garbage.
+    ("train-labels-idx1-ubyte.gz", lambda b: _labels_gz([200] + [k % 10 for k in range(399)]),
+     r"1 labels outside \[0, 10\) \(e.g. \[200\]\)"),
+    ("train-labels-idx1-ubyte.gz", lambda b: _labels_gz([k % 10 for k in range(390)]),
+     "holds 400 images but .* 390 labels: the two files do not belong together"),
+    ("train-images-idx3-ubyte.gz", lambda b: b[: len(b) // 2], "damaged or cut off: re-install"),
+    ("train-images-idx3-ubyte.gz", lambda b: b"not a gzip file at all", "damaged or cut off"),
+    ("train-images-idx3-ubyte.gz", lambda b: __import__("gzip").compress(b"\x00\x00\x0d\x03"),
+     "is not a uint8 idx file"),
+])
+def test_damaged_dataset_files_are_one_clear_error(fmnist_dir, tmp_path, name, change, message):
+    import pathlib
+
+    folder = _damaged_copy(pathlib.Path(fmnist_dir), tmp_path / "fm", name, change)
+    with pytest.raises(UserError, match=message):
+        load_split(data_config(folder), "train")
+
+
+def test_a_validation_split_larger_than_a_class_is_refused(fmnist_dir):
+    with pytest.raises(UserError, match="validation_per_class=40 leaves no training images"):
+        load_split(data_config(fmnist_dir, validation_per_class=40), "train")
 
 
 def test_random_subset_per_class(fmnist_dir):

@@ -69,3 +69,27 @@ def test_repeated_seeds_are_refused(tmp_path):
     config.eval.seeds = (0, 1, 0)
     with pytest.raises(UserError, match=r"\[0\] repeated"):
         evaluate(config, str(tmp_path / "w"))
+
+
+def test_image_sets_that_cannot_be_read_are_named(tmp_path):
+    from wmdd_jax.interop.images import write_image_folder
+
+    folder = tmp_path / "folder"
+    labels = np.repeat(np.arange(10), 1)
+    write_image_folder(str(folder), np.random.default_rng(0).uniform(size=(10, 28, 28, 1)), labels)
+    (folder / "new003" / "class003_id000.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(UserError, match=r"new003/class003_id000.png is not a readable image"):
+        evaluate(_config(folder), str(tmp_path / "w1"))
+    # Class folders under another name than the layout's new000, new001, ...
+    renamed = tmp_path / "renamed"
+    for k in range(10):
+        (renamed / f"class{k:03d}").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds folders class000, class001, class002, \.\.\. but no image set: "
+                                        r"class folders must be named new000"):
+        evaluate(_config(renamed), str(tmp_path / "w2"))
+    # A finished set cut off mid-file (written in place by an older version, or a damaged disk).
+    cut = _image_set(tmp_path / "cut", [1] * 10)
+    data = (cut / "images.npz").read_bytes()
+    (cut / "images.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"images.npz cannot be read .*delete it and rerun the 'recover' stage"):
+        evaluate(_config(cut), str(tmp_path / "w3"))

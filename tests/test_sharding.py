@@ -170,7 +170,7 @@ def run_two_processes(root, tmp_path) -> tuple[np.ndarray, list[str]]:
     owned = [list(range(8)), [8, 9]]
     for pid in range(2):  # each read and wrote only its classes; process 0 joined the image shards
         assert f"images of {len(owned[pid])} classes" in logs[pid]
-        assert sorted(int(p.stem[len("class_"):]) for p in (workdir / "statistics").iterdir()) == list(range(10))
+        assert sorted(int(p.stem[len("class_"):]) for p in (workdir / "statistics").glob("class_*.npz")) == list(range(10))
         with np.load(workdir / "synthetic" / f"images.process{pid:03d}-of-002.npz") as z:
             assert sorted(set(z["labels"].tolist())) == owned[pid]
     assert "bn=nan" not in logs[0]

@@ -135,15 +135,15 @@ def load_statistics(folder: str, classes) -> ClassStatistics:
                         f"'statistics' stage with this --workdir")
     features, indices, means, variances = [], [], {}, {}
     for k in classes:
-        with np.load(_class_file(folder, k)) as z:
-            features.append(z["features"])
-            indices.append(z["indices"])
-            for key in z.files:
-                kind, _, layer = key.partition("/")
-                if kind == "mean":
-                    means.setdefault(layer, []).append(z[key])
-                elif kind == "var":
-                    variances.setdefault(layer, []).append(z[key])
+        z = ckpt.read_npz(_class_file(folder, k), "statistics")
+        features.append(z["features"])
+        indices.append(z["indices"])
+        for key in z:
+            kind, _, layer = key.partition("/")
+            if kind == "mean":
+                means.setdefault(layer, []).append(z[key])
+            elif kind == "var":
+                variances.setdefault(layer, []).append(z[key])
     return ClassStatistics(classes, features, indices, {k: np.stack(v) for k, v in means.items()},
                            {k: np.stack(v) for k, v in variances.items()})
 
@@ -220,8 +220,8 @@ def load_barycenters(folder: str, classes: list[int]) -> dict[str, np.ndarray]:
                         f"'barycenter' stage with this --workdir")
     rows = []
     for k in classes:
-        with np.load(_class_file(folder, k)) as z:
-            rows.append({key: z[key] for key in BARYCENTER_KEYS})
+        z = ckpt.read_npz(_class_file(folder, k), "barycenter")
+        rows.append({key: z[key] for key in BARYCENTER_KEYS})
     return {key: np.stack([r[key] for r in rows]) for key in BARYCENTER_KEYS}
 
 
@@ -413,8 +413,7 @@ def _shard_file(out_dir: str) -> str:
 
 
 def _load_images(path: str) -> np.ndarray:
-    with np.load(path) as z:
-        return z["images"]
+    return ckpt.read_npz(path, "recover")["images"]
 
 
 def recover(config, workdir: str) -> np.ndarray:
@@ -519,8 +518,7 @@ def recover(config, workdir: str) -> np.ndarray:
     if multi and jax.process_index() == 0:
         _join_shards(out_dir, out_file)
     if os.path.exists(out_file):
-        with np.load(out_file) as z:
-            save_grid(z["images"].reshape(C, m, *pixels.shape[1:]), os.path.join(out_dir, "grid.png"))
+        save_grid(ckpt.read_npz(out_file, "recover")["images"].reshape(C, m, *pixels.shape[1:]), os.path.join(out_dir, "grid.png"))
     print(f"recover: {len(classes) * m} images in {time.time() - t0:.0f} s -> {mine}")
     return pixels
 
@@ -532,7 +530,7 @@ def _join_shards(out_dir: str, out_file: str) -> None:
         print(f"recover: {len(paths)} of {jax.process_count()} image shards visible in {out_dir}; join them "
               f"there (a shared work directory does it by itself)")
         return
-    parts = [dict(np.load(p)) for p in paths]
+    parts = [ckpt.read_npz(p, "recover") for p in paths]
     order = np.argsort(np.concatenate([p["labels"] for p in parts]), kind="stable")
     joined = {key: np.concatenate([p[key] for p in parts])[order] for key in ("images", "labels", "weights")}
     ckpt.write_npz(out_file, **joined, method=parts[0]["method"])

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from wmdd_jax import checkpoint as ckpt
 from wmdd_jax import results
 from wmdd_jax.data import ArraySource, Source, load_split, random_subset
 from wmdd_jax.errors import UserError
@@ -35,15 +36,35 @@ def load_image_set(path: str, like: Source) -> tuple[ArraySource, np.ndarray, st
     if not os.path.exists(file) and interop.is_torch_image_set(path):  # class folders or a .pt file
         return interop.load_torch_image_set(path, like)
     if not os.path.exists(file):
-        raise UserError(f"no image set at {file}: run the distillation stages first, or pass "
-                        f"--config.eval.source=random_real")
-    with np.load(file) as z:
-        images, labels = z["images"].astype(np.float32), z["labels"].astype(np.int32)
-        weights = z["weights"].astype(np.float32) if "weights" in z else np.ones(len(labels), np.float32)
-        method = str(z["method"]) if "method" in z else "synthetic"
+        raise UserError(_no_image_set(path, file))
+    z = ckpt.read_npz(file, "recover")
+    if "images" not in z or "labels" not in z:
+        raise UserError(f"{file} holds {sorted(z)}, not an image set ('images' [n, h, w, c] in [0, 1] and "
+                        f"'labels' [n])")
+    images, labels = z["images"].astype(np.float32), z["labels"].astype(np.int32)
+    weights = z["weights"].astype(np.float32) if "weights" in z else np.ones(len(labels), np.float32)
+    method = str(z["method"]) if "method" in z else "synthetic"
+    if images.ndim != 4 or len(images) != len(labels):
+        raise UserError(f"{file} holds images of shape {images.shape} and labels of shape {labels.shape}; "
+                        f"expected [n, h, w, c] and [n]")
     if tuple(images.shape[1:]) != tuple(like.image_shape):
         raise UserError(f"images in {file} are {images.shape[1:]}, the dataset's are {like.image_shape}")
     return ArraySource(images, labels, like.num_classes, like.mean, like.std, name=file), weights, method
+
+
+def _no_image_set(path: str, file: str) -> str:
+    """What to say when ``path`` holds no image set we can read."""
+    if not os.path.exists(path):
+        if path.rstrip("/").endswith("synthetic"):
+            return f"no image set at {file}: run the distillation stages first, or pass --config.eval.source=random_real"
+        return f"--config.eval.source={path} does not exist: pass a folder holding images.npz, new000/ class folders or a .pt file"
+    if os.path.isdir(path):
+        folders = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+        if folders:
+            return (f"{path} holds folders {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''} but no image "
+                    f"set: class folders must be named new000, new001, ... (the SRe2L/WMDD layout), or give "
+                    f"an images.npz or a .pt file")
+    return f"no image set at {file}: {path} holds no images.npz, new000/ class folders or .pt file"
 
 
 def _seeds(config) -> list[int]:

@@ -91,11 +91,11 @@ def load_soft_labels(folder: str, spec, num_images: int, made_by: dict[str, str]
     if not os.path.exists(path):
         raise UserError(f"no stored soft labels at {path}: run the 'relabel' stage, or set "
                         f"--config.eval.soft.relabel=online")
-    with np.load(path) as z:
-        logits, seed = z["logits"], int(z["data_seed"])
-        made_for = (int(z["epochs"]), int(z["num_images"]))
-        augment = str(z["augment"]) if "augment" in z else None
-        stored_by = {key: str(z[key]) if key in z else "unrecorded" for key in made_by}
+    z = ckpt.read_npz(path, "relabel")
+    logits, seed = z["logits"], int(z["data_seed"])
+    made_for = (int(z["epochs"]), int(z["num_images"]))
+    augment = str(z["augment"]) if "augment" in z else None
+    stored_by = {key: str(z[key]) if key in z else "unrecorded" for key in made_by}
     if made_for != (int(spec.epochs), num_images):
         raise UserError(f"{path} was made for {made_for[0]} epochs over {made_for[1]} images, the recipe is "
                         f"{spec.epochs} epochs over {num_images}: delete it and rerun 'relabel'")

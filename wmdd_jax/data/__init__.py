@@ -66,8 +66,18 @@ def load_split(data_config, split: str) -> Source:
         raise UserError("no validation split: set --config.data.validation_per_class to hold some "
                         "training images out")
     source = _LOADERS[name]("test" if split == "test" else "train", data_config)
+    labels = np.asarray(source.labels)
+    outside = labels[(labels < 0) | (labels >= source.num_classes)]
+    if outside.size:  # a class id past the model's outputs would be dropped or wrap around silently
+        raise UserError(f"{source.name} has {outside.size} labels outside [0, {source.num_classes}) (e.g. "
+                        f"{sorted(set(outside.tolist()))[:5]}): the label files are damaged or of another "
+                        f"dataset; re-install them")
     if split == "test" or holdout <= 0:
         return source
+    smallest = min(len(source.class_indices(k)) for k in range(source.num_classes))
+    if holdout >= smallest:
+        raise UserError(f"data.validation_per_class={holdout} leaves no training images in a class of "
+                        f"{smallest}; lower --config.data.validation_per_class")
     rng = np.random.default_rng(int(data_config.get("validation_seed", 0)))
     val = np.concatenate([rng.choice(source.class_indices(k), holdout, replace=False)
                           for k in range(source.num_classes)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -22,15 +23,20 @@ _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def read_idx(path: str) -> np.ndarray:
     """Reads an idx file (optionally gzipped) into a uint8 array of its stated shape."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise UserError(f"{path} is not a uint8 idx file; re-install the dataset files")
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut-off file: EOFError
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); it is damaged or cut off: "
+                        f"re-install the dataset files ('make data')") from e
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or len(data) < 4 + 4 * data[3]:
+        raise UserError(f"{path} is not a uint8 idx file; re-install the dataset files ('make data')")
+    ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise UserError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); re-install it")
+        raise UserError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); re-install it "
+                        f"('make data')")
     return array.reshape(shape)
 
 
@@ -49,10 +55,15 @@ def load_fashion_mnist(split: str, data_dir: str = "") -> ArraySource:
     for d in dirs:
         paths = [_find(d, stem) for stem in _FILES[split]]
         if all(paths):
-            images = read_idx(paths[0])[..., None]
-            labels = read_idx(paths[1]).astype(np.int32)
-            return ArraySource(images, labels, 10, MEAN, STD, name=f"fashion_mnist/{split}")
+            images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int32)
+            if images.ndim != 3 or labels.ndim != 1:
+                raise UserError(f"{paths[0]} must hold [n, h, w] images and {paths[1]} [n] labels, got shapes "
+                                f"{images.shape} and {labels.shape}; re-install the dataset files")
+            if len(images) != len(labels):
+                raise UserError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels: "
+                                f"the two files do not belong together; re-install the dataset files")
+            return ArraySource(images[..., None], labels, 10, MEAN, STD, name=f"fashion_mnist/{split}")
     raise UserError(
         f"Fashion-MNIST idx files not found in {', '.join(dirs)}: install them with "
-        f"'apt-get install dataset-fashion-mnist' (or 'make setup'), or point --config.data.data_dir "
+        f"'make data' (apt-get install dataset-fashion-mnist), or point --config.data.data_dir "
         f"at a folder holding {_FILES[split][0]}.gz and {_FILES[split][1]}.gz")

@@ -20,6 +20,7 @@ import shutil
 
 import numpy as np
 
+from wmdd_jax.checkpoint import read_npz
 from wmdd_jax.errors import UserError
 from wmdd_jax.interop.images import write_image_folder, write_tensor_file
 
@@ -42,10 +43,10 @@ def export(config, workdir: str) -> list[str]:
     source = load_split(config.data, "train")
     written = []
     if os.path.exists(synthetic):
-        with np.load(synthetic) as z:
-            images, labels = z["images"], z["labels"]
-            weights = z["weights"] if "weights" in z else None
-            method = str(z["method"]) if "method" in z else None
+        z = read_npz(synthetic, "recover")
+        images, labels = z["images"], z["labels"]
+        weights = z["weights"] if "weights" in z else None
+        method = str(z["method"]) if "method" in z else None
         folder = os.path.join(out_dir, "images")
         _write_once(folder, lambda tmp: write_image_folder(tmp, images, labels, weights, method,
                                                            spec["image_format"], spec["jpeg_quality"]))

@@ -28,8 +28,18 @@ from tests.conftest import FMNIST_SUBSET, ROOT, tiny_config
 from wmdd_jax import sharding
 
 ITERATIONS = 20
-ATOL = 5e-4  # an eighth of one 8-bit grey level; measured gaps are 1.3e-5 (20 steps, this machine)
-TWO_PROCESS_ATOL = ATOL  # placeholder, set from experiments/sharding_agreement.py below
+# Largest pixel gaps (images in [0, 1]) after 20 steps, from experiments/sharding_agreement.py
+# (rows in experiments/results/sharding_agreement.jsonl): on this project's 2-core AMD EPYC machine,
+# 5 repeats from scratch gave the same numbers every time (XLA:CPU is deterministic on one machine):
+# 8 devices vs 1: 1.32e-5; 2 processes x 4 devices vs 1: 1.32e-5, vs 8 devices: 3.0e-7; (2, 4) mesh
+# vs (8,): 0. Another machine of the same kind measured 3.48e-5 for 2 processes vs 8 devices: the
+# spread is between machines (CPU features change XLA's kernels and their rounding), not between
+# runs. A bound at the largest measured gap would fail on the next machine, so every sharded-vs-
+# other comparison gets one bound: an eighth of one 8-bit grey level, 14x the largest gap seen
+# anywhere and far below anything visible or any accuracy effect.
+ATOL = 5e-4
+TWO_PROCESS_ATOL = ATOL  # 2 processes vs 8 devices: the statistics are computed per process (other batches)
+SAME_BLOCKS_ATOL = 1e-6  # (2, 4) vs (8,): the same per-device programs; 0 measured, 1e-6 for other XLA builds
 OVERRIDES = [  # the CLI equivalent of _config() below
     "--config=configs/fashion_mnist.py", f"--config.data.data_dir={FMNIST_SUBSET}", "--config.teacher.width=8",
     "--config.teacher.epochs=2", "--config.teacher.batch_size=32", "--config.ipc=2",
@@ -118,7 +128,7 @@ def test_eight_devices_give_the_one_device_images(prepared):
     assert images["one"].shape == (20, 28, 28, 1)
     np.testing.assert_allclose(images["eight"], images["one"], atol=ATOL)
     # The same per-device blocks on a (2, 4) mesh as on (8,): the same computation, to the last bits.
-    np.testing.assert_allclose(images["two_axes"], images["eight"], atol=1e-6)
+    np.testing.assert_allclose(images["two_axes"], images["eight"], atol=SAME_BLOCKS_ATOL)
 
 
 def _free_port() -> int:

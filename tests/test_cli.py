@@ -47,6 +47,9 @@ FM = "--config=configs/fashion_mnist.py"
     (["pretrain", FM, "--config.ipcs=3"], 'unknown config key \'ipcs\' in a --config.* override: it must name a '
      'field of the config file (see configs/default.py). Did you mean "ipc" instead of "ipcs"?'),
     (["pretrain", FM + ":qick"], "unknown variant 'qick' of configs/fashion_mnist.py; use '' or 'quick'"),
+    # A key given twice takes the last value (config_flags alone joins tuples: hard, soft, soft).
+    (["evaluate", FM, "--config.eval.label_modes=('hard','soft')", "--config.eval.label_modes=('soft',)",
+      "--config.eval.seeds=(1,1)"], "--config.eval.seeds=(1, 1) is not valid"),
 ])
 def test_bad_input_is_one_line(args, expected, tmp_path):
     out = cli(*args, workdir=str(tmp_path))

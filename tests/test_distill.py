@@ -326,3 +326,15 @@ def test_committed_teacher_loads_and_classifies():
     assert teacher.model.width == 128 and set(teacher.variables) == {"params", "batch_stats"}
     accuracy = evaluate_accuracy(teacher.model, teacher.variables, load_split(config.data, "test"))
     assert accuracy > 85.0  # the committed subset's 200 test images
+
+
+def test_a_teacher_of_another_dataset_is_refused(distilled, tmp_path):
+    config, workdir = distilled
+    folder = tmp_path / "teacher100"
+    shutil.copytree(os.path.join(workdir, "teacher"), folder)
+    described = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(dict(described, num_classes=100)))
+    config = config.copy_and_resolve_references()
+    config.teacher.checkpoint = str(folder)
+    with pytest.raises(UserError, match=r"trained on 100 classes of \(28, 28, 1\) images, but fashion_mnist has 10"):
+        load_teacher(config, workdir)

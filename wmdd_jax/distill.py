@@ -37,6 +37,7 @@ from wmdd_jax import checkpoint as ckpt
 from wmdd_jax import sharding
 from wmdd_jax.data import Source, augment, denormalize, load_split, normalize
 from wmdd_jax.errors import UserError
+from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
 from wmdd_jax.teacher import identity as teacher_identity
 from wmdd_jax.teacher import load_teacher
@@ -160,7 +161,10 @@ def _owned(mesh, num_classes: int) -> list[int]:
 def data_recipe(data_config, source: Source) -> dict:
     """What fixes the training images a stage reads: the data settings and the split's size."""
     keys = ("name", "tfds_name", "image_size", "validation_per_class", "validation_seed")
-    return {"data": {k: data_config.get(k) for k in keys}, "num_train_images": len(source)}
+    # The labels' fingerprint (cheap, unlike the images'): another copy of the data with other labels
+    # or another order is not taken for the one the statistics were computed on.
+    return {"data": {k: data_config.get(k) for k in keys}, "num_train_images": len(source),
+            "train_labels": fingerprint({"labels": np.asarray(source.labels)})}
 
 
 def statistics(config, workdir: str) -> ClassStatistics:

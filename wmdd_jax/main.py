@@ -54,6 +54,10 @@ def _parse(argv: list[str]) -> list[str]:
             folder = os.path.dirname(os.path.abspath(path))
             if os.path.exists(os.path.join(folder, "__init__.py")) and os.path.dirname(folder) not in sys.path:
                 sys.path.insert(0, os.path.dirname(folder))
+    # A key given twice: the last value wins, as for any flag (config_flags would join tuples).
+    last = {arg.split("=", 1)[0]: i for i, arg in enumerate(argv) if arg.startswith("--config.") and "=" in arg}
+    argv = [arg for i, arg in enumerate(argv)
+            if not (arg.startswith("--config.") and "=" in arg) or last[arg.split("=", 1)[0]] == i]
     try:
         return FLAGS(argv)
     except flags.Error as e:

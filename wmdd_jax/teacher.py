@@ -67,6 +67,11 @@ def load_teacher(config, workdir: str) -> Teacher:
     d = files.read_json(described, what="the teacher's architecture")
     if not isinstance(d, dict):
         raise UserError(f"{described} is unreadable: delete {folder} and rerun 'pretrain'")
+    source = load_split(config.data, "train")
+    if (d["num_classes"], tuple(d["image_shape"])) != (source.num_classes, tuple(source.image_shape)):
+        raise UserError(f"the teacher in {folder} was trained on {d['num_classes']} classes of "
+                        f"{tuple(d['image_shape'])} images, but {config.data.name} has {source.num_classes} of "
+                        f"{tuple(source.image_shape)}: use a teacher of this dataset (--config.teacher.checkpoint)")
     model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
                          conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
     # Shapes only (no init to run); on this process's first device, as a fresh init would be: a

@@ -30,7 +30,16 @@ is jit lowering + XLA compilation. The machine is shared: each row records the 1
 With --quick: 3 / 1 runs everywhere, and the OTT rows of the 1300x50x10 cell use 3 of the 10 classes
 (their rows then say batch=3). The committed results: `python experiments/bench_barycenter.py`, 416 s.
 
+Separated clouds (issue 10, ``--separated``): a few well-separated Gaussian clusters (k in 3..5,
+unit spread, centres sep / sqrt(2) * N(0, I), d 128..512, n 200..2000, m no multiple of k, equal or
+Dirichlet(2) cluster sizes). Per case, one row per uniform variant (``second_start`` on, the
+default, and off: the annealed path alone, as before the fix) with the exact W2^2 of ours and its
+ratio to POT's exact fixed point started from our k-means++ seeding (``ratio_pot_seeding``) and from
+4 random data-point starts (``ratio_pot_random_min`` / ``_median``); ``run_s`` one jitted call
+after the compile. ``--separated`` runs only these cases.
+
 Usage: python experiments/bench_barycenter.py [--quick] [--cells 500x10x1,...] [--out FILE]
+       python experiments/bench_barycenter.py --separated --append
 """
 
 import argparse
@@ -218,6 +227,61 @@ def run_cell(n, m, batch, runs_jax, runs_slow, command, out_file, methods, ott_m
     return rows
 
 
+# (seed, clusters k, d, n, m, unequal sizes, sep): m no multiple of k; cluster gaps ~ sep * sqrt(d)
+# against a within-cluster spread of sqrt(d).
+SEPARATED = [
+    (0, 3, 128, 300, 4, False, 8.0), (1, 3, 128, 300, 5, False, 8.0), (2, 3, 256, 600, 7, True, 8.0),
+    (3, 4, 256, 800, 5, False, 8.0), (4, 4, 512, 1000, 10, True, 8.0), (5, 5, 128, 400, 7, True, 8.0),
+    (6, 5, 512, 2000, 12, False, 8.0), (7, 3, 512, 1500, 10, True, 8.0), (8, 4, 128, 200, 6, True, 8.0),
+    (1, 3, 128, 150, 5, False, 20.0), (3, 3, 128, 300, 5, True, 20.0),
+]
+
+
+def separated_cloud(seed, k, d, n, unequal, sep):
+    """[n, d] float32: k unit Gaussians, centres sep / sqrt(2) * N(0, I) (the tests' generator)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * sep / np.sqrt(2)
+    p = rng.dirichlet(np.ones(k) * 2) if unequal else np.full(k, 1.0 / k)
+    return (centres[rng.choice(k, size=n, p=p)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def run_separated(command, out_file):
+    for seed, k, d, n, m, unequal, sep in SEPARATED:
+        x = separated_cloud(seed, k, d, n, unequal, sep)
+        key = jax.random.key(0)
+        seeding = np.asarray(barycenter.kmeans_plus_plus(x, m, rng=key))
+        pot_seed = exact_w2(x, time_pot(x[None], seeding[None], 1)[2][0])
+        starts = [x[np.random.default_rng(100 + s).choice(n, m, replace=False)] for s in range(4)]
+        pot_random = [exact_w2(x, time_pot(x[None], b[None], 1)[2][0]) for b in starts]
+        for second in (True, False):
+            f = jax.jit(lambda p: barycenter.free_support_barycenter(p, m, rng=key, second_start=second))
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x))
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = jax.block_until_ready(f(x))
+            run_s = time.perf_counter() - t0
+            ours = exact_w2(x, np.asarray(res.support))
+            row = dict(benchmark="barycenter_separated", method="wmdd_uniform_weights" if second else
+                       "wmdd_uniform_weights_annealed_only", seed=seed, clusters=k, n=n, d=d, m=m,
+                       unequal_sizes=unequal, sep=sep, w2_exact=round(ours, 4),
+                       cost_reported=round(float(res.cost), 4), converged=bool(res.converged),
+                       w2_pot_seeding=round(pot_seed, 4), w2_pot_random=[round(v, 4) for v in pot_random],
+                       ratio_pot_seeding=round(ours / pot_seed, 5),
+                       ratio_pot_random_min=round(ours / min(pot_random), 5),
+                       ratio_pot_random_median=round(ours / float(np.median(pot_random)), 5),
+                       compile_plus_run_s=round(compile_s, 3), run_s=round(run_s, 4),
+                       data="separated Gaussian clusters", dtype="float32 (POT float64)",
+                       load_avg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__, command=command,
+                       date=DATE, machine=MACHINE)
+            print(f"k={k} d={d:4d} n={n:5d} m={m:3d} sep={sep:4.0f} {row['method']:34s} "
+                  f"ours/POT(seeding) {row['ratio_pot_seeding']:.5f}  ours/POT(random) min "
+                  f"{row['ratio_pot_random_min']:.5f} median {row['ratio_pot_random_median']:.5f}  "
+                  f"run {run_s:.2f} s", flush=True)
+            out_file.write(json.dumps(row) + "\n")
+            out_file.flush()
+
+
 METHODS = ["wmdd_uniform_weights", "wmdd_uniform_weights_vmap", "wmdd_learned_weights", "ott_fwb_default",
            "ott_fwb_tuned", "pot_exact", "pot_exact_normal_init"]
 
@@ -233,6 +297,8 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "bench_barycenter.jsonl"))
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--separated", action="store_true",
+                        help="run only the separated-cluster cases (issue 10), not the cells")
     parser.add_argument("--ott-max-classes", type=int, default=10,
                         help="run the OTT rows of a batch cell on at most this many classes")
     args = parser.parse_args()
@@ -241,6 +307,10 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t_start = time.perf_counter()
     with open(args.out, "a" if args.append else "w") as out_file:
+        if args.separated:
+            run_separated(command, out_file)
+            print(f"total {time.perf_counter() - t_start:.0f} s")
+            return
         for cell in args.cells.split(","):
             n, m, batch = (int(v) for v in cell.split("x"))
             if args.quick:

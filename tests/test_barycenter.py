@@ -228,3 +228,171 @@ def test_float64_when_x64_enabled():
         assert res.support.dtype == jnp.float64 and res.weights.dtype == jnp.float64
         assert res.cost.dtype == jnp.float64
         np.testing.assert_allclose(float(res.cost), exact_w2(x, None, np.asarray(res.support), None), rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- input validation (issue 7)
+
+
+def test_eager_calls_reject_bad_input_with_a_clear_message():
+    """Eager calls check shapes, num_support, weights and labels before any work (nothing compiles)."""
+    x = clusters(8, 12)
+    w = np.ones(12, np.float32)
+    fsb = barycenter.free_support_barycenter
+    bad = {
+        "2-D": lambda: fsb(x[:, 0], 3),  # 1-D: was read as one point
+        "point_weights must be a \\[n\\]": lambda: fsb(x, 3, point_weights=w[:5]),
+        "NaN or inf": lambda: fsb(x, 3, point_weights=np.where(np.arange(12) == 2, np.nan, w)),
+        "negative": lambda: fsb(x, 3, point_weights=np.where(np.arange(12) == 2, -1.0, w)),
+        "sums to 0": lambda: fsb(x, 3, point_weights=np.zeros(12, np.float32)),
+        "row 4": lambda: fsb(np.where(np.arange(12)[:, None] == 4, np.inf, x), 3, learn_weights=True),
+        "num_support": lambda: fsb(x, 0),
+        "num_support must": lambda: fsb(x, -2),
+        "positive Python int": lambda: fsb(x, 2.5),
+        "init must be": lambda: fsb(x, 3, init=x[:4]),
+        "labels .* \\[0, 3\\)": lambda: barycenter.class_barycenters(x, np.array([0, 1, 2, 3] * 3), 3, 2),
+        "labels must be": lambda: barycenter.class_barycenters(x, np.zeros(5, np.int32), 3, 2),
+        "y must be": lambda: barycenter.wasserstein2(x, None, x[:, :2], None),
+        "b contains negative": lambda: barycenter.wasserstein2(x, None, x, -w),
+    }
+    for pattern, call in bad.items():
+        with pytest.raises(ValueError, match=pattern):
+            call()
+
+
+def test_traced_non_finite_input_is_never_reported_converged():
+    """Under jit (values unknown when tracing) a non-finite point or weight gives NaN cost, NaN
+    support and converged=False for both variants; zero-weight padding may hold NaN or inf, and an
+    all-padding class stays a finite row. Nine clouds: the batch shape of the invariance test."""
+    base = clusters(9, 10)
+    cases = {name: padded(base) for name in ("nan_point", "inf_point", "nan_weight", "inf_weight",
+                                              "negative_weight", "nan_padding", "inf_padding", "empty",
+                                              "clean")}
+    cases["nan_point"][0][3, 1] = np.nan
+    cases["inf_point"][0][0, 0] = -np.inf
+    cases["nan_weight"][1][2] = np.nan
+    cases["inf_weight"][1][2] = np.inf
+    cases["negative_weight"][1][2] = -0.5
+    cases["nan_padding"][0][12:] = np.nan
+    cases["inf_padding"][0][12:] = np.inf
+    cases["empty"][1][:] = 0.0
+    names = list(cases)
+    points = np.stack([cases[k][0] for k in names])
+    weights = np.stack([cases[k][1] for k in names])
+    keys = jnp.stack([jax.random.key(0)] * len(names))
+    for learn_weights in (False, True):
+        out = jax.tree.map(np.asarray, solver(learn_weights, batched=True)(points, weights, keys))
+        for i, k in enumerate(names):
+            if k in ("nan_padding", "inf_padding", "empty", "clean"):
+                assert np.isfinite(out.cost[i]) and np.all(np.isfinite(out.support[i])), (learn_weights, k)
+            else:
+                assert np.isnan(out.cost[i]) and np.all(np.isnan(out.support[i])), (learn_weights, k)
+                assert not out.converged[i], (learn_weights, k)
+        clean = names.index("clean")
+        for k in ("nan_padding", "inf_padding"):  # garbage in padding changes nothing
+            np.testing.assert_allclose(out.cost[names.index(k)], out.cost[clean], rtol=1e-5, err_msg=k)
+
+
+def test_float16_is_computed_in_float32():
+    """float16 features at scale 100 (squared distances overflow float16) give the float32 result."""
+    x = clusters(11, 12) * 100.0
+    fn = jax.jit(lambda p: barycenter.free_support_barycenter(p, 3, learn_weights=True))
+    half, single = fn(x.astype(np.float16)), fn(x.astype(np.float16).astype(np.float32))
+    assert half.support.dtype == jnp.float32 and np.isfinite(float(half.cost))
+    np.testing.assert_allclose(half.cost, single.cost, rtol=1e-6)
+    assert half.converged
+
+
+# --------------------------------------------------------------------------- duplicates (issue 8)
+
+
+def test_duplicate_points_split_by_location_and_reach_the_optimum():
+    """Clouds of exact duplicates (identical images, saturated ReLUs): 2 locations x 25 copies, and
+    3 locations with 25/15/10 copies (masses 1/2, 3/10, 1/5), 8-d. Copies of the support go to
+    locations in proportion to their mass (not to their number of rows), and coincident support
+    points split where the optimum needs it. Exact optima (uniform weights w = 1/m):
+    m = 10: 5/5 and 5/3/2 support points on the locations, cost 0.
+    m = 5: 2 locations: 2 + 2 on them and one at the midpoint, carrying 1/10 from each, cost
+    0.05 |A - B|^2. 3 locations: C (1/5) holds one support point; the leftover 1/10 of A and of B
+    share one at their midpoint (0.05 |AB|^2) or both pass through C (0.05 (|AC|^2 + |BC|^2)).
+    Learned weights: cost 0 as soon as every location holds a support point."""
+    rng = np.random.default_rng(12)
+    locs = rng.normal(size=(2, 3, 8)).astype(np.float32) * 3.0
+    counts = [(25, 25, 0), (25, 15, 10)]
+    clouds = np.stack([np.repeat(locs[c], counts[c], axis=0) for c in range(2)])  # [2, 50, 8]
+
+    @jax.jit
+    def run(points):
+        def one(p):
+            return [barycenter.free_support_barycenter(p, m, learn_weights=lw)
+                    for m in (5, 10) for lw in (False, True)]
+        return jax.vmap(one)(points)
+
+    out = [jax.tree.map(np.asarray, r) for r in run(clouds)]
+    for c in range(2):
+        loc = locs[c, :2 if c == 0 else 3]
+        d2 = ((loc[:, None] - loc[None]) ** 2).sum(-1)
+        mass = np.array(counts[c][:len(loc)]) / 50.0
+        opt5 = 0.05 * d2[0, 1] if c == 0 else 0.05 * min(d2[0, 1], d2[0, 2] + d2[1, 2])
+        for i, (m, lw) in enumerate((m, lw) for m in (5, 10) for lw in (False, True)):
+            r = jax.tree.map(lambda v, c=c: v[c], out[i])
+            name = f"cloud {c}, m={m}, learned={lw}"
+            exact = exact_w2(clouds[c], None, r.support, r.weights)
+            # Cost ~0: the reported (feasible-plan) cost's slack at epsilon = 1e-3 of the variance.
+            zero = 1e-3 * d2.max()
+            assert r.converged or m == 5, name
+            if lw or m == 10:
+                assert exact <= zero and r.cost <= zero, (name, exact, r.cost)
+                # Copies per location follow the location masses: m * mass.
+                near = ((r.support[:, None] - loc[None]) ** 2).sum(-1).argmin(1)
+                np.testing.assert_array_equal(np.bincount(near, minlength=len(loc)),
+                                              np.round(m * mass).astype(int) if m == 10 else
+                                              np.bincount(near, minlength=len(loc)), err_msg=name)
+                if lw:
+                    np.testing.assert_allclose(np.bincount(near, r.weights, len(loc)), mass, atol=1e-6,
+                                               err_msg=name)
+            else:
+                # The optimum up to the entropic plan's blur (under 0.1% measured) and float32 rounding.
+                assert exact <= opt5 * (1 + 2e-3), (name, exact, opt5)
+                assert r.cost >= exact * (1 - 1e-5), (name, r.cost, exact)
+
+
+# --------------------------------------------------------------------------- separated clusters (issue 10)
+
+
+def separated_clusters(seed: int, n: int, d: int, k: int, sep: float = 20.0) -> np.ndarray:
+    """[n, d] float32: k equally likely unit Gaussians whose centres are sep / sqrt(2) * N(0, I)
+    apart (gaps ~ sep * sqrt(d), against a spread of sqrt(d)); the bench's `separated` clouds."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * sep / np.sqrt(2)
+    return (centres[rng.choice(k, size=n, p=np.full(k, 1.0 / k))] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_uniform_not_worse_than_pot_exact_from_the_same_data_point_start():
+    """Well-separated clusters in 128-d (3 clusters, m = 5: no multiple of 3), 4 starts on random
+    data points each: ours, from that start, ends no worse than POT's exact fixed point from it.
+    The annealed path alone forgets the start and can split the support worse between the
+    clusters (4.6% above POT on cloud 1, start 0, before the second start existed); the second,
+    barely annealed start keeps the start's allocation."""
+    ot = pytest.importorskip("ot", reason="POT (the `test` extra) gives the exact reference")
+    n, d, m, k = 150, 128, 5, 3
+    clouds, inits = [], []
+    for c in range(3):
+        x = separated_clusters(c, n, d, k)
+        for s in range(4):
+            clouds.append(x)
+            inits.append(x[np.random.default_rng(100 + s).choice(n, m, replace=False)])
+    clouds, inits = np.stack(clouds), np.stack(inits)
+
+    @jax.jit
+    def run(points, init):
+        return jax.vmap(lambda p, b: barycenter.free_support_barycenter(p, m, init=b))(points, init)
+
+    out = jax.tree.map(np.asarray, run(clouds, inits))
+    for i, (x, init, support) in enumerate(zip(clouds, inits, out.support)):
+        x64 = x.astype(np.float64)
+        pot = ot.lp.free_support_barycenter([x64], [np.full(n, 1.0 / n)], init.astype(np.float64))
+        ours_w2, pot_w2 = exact_w2(x, None, support, None), exact_w2(x, None, pot, None)
+        # 3e-3: the entropic blur at epsilon_end = 1e-3 of the total variance, which the gaps
+        # between clusters dominate: ratios here at most 1 + 5e-5 over these 12 starts; up to
+        # 1 + 3.2e-3 on the bench's 512-d separated clouds.
+        assert ours_w2 <= pot_w2 * (1 + 3e-3), (i, ours_w2, pot_w2)

@@ -43,6 +43,7 @@ Usage: python experiments/bench_barycenter.py [--quick] [--cells 500x10x1,...] [
 """
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -64,7 +65,7 @@ with warnings.catch_warnings():
 
 import ot  # noqa: E402  (POT, the test extra)
 
-DATE = "2026-11-25"
+DATE = datetime.date.today().isoformat()
 MACHINE = "2-core CPU"
 D = 512
 EPSILON_END = 1e-3  # barycenter.free_support_barycenter's default, relative to the class variance

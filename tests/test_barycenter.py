@@ -396,3 +396,40 @@ def test_uniform_not_worse_than_pot_exact_from_the_same_data_point_start():
         # between clusters dominate: ratios here at most 1 + 5e-5 over these 12 starts; up to
         # 1 + 3.2e-3 on the bench's 512-d separated clouds.
         assert ours_w2 <= pot_w2 * (1 + 3e-3), (i, ours_w2, pot_w2)
+
+
+# --------------------------------------------------------------------------- the OTT override
+
+
+# SHA-256 (16 hex digits) of the source of the OTT methods that wmdd_jax.barycenter.ott_compat
+# overrides, as of ott-jax 0.6.0. Another OTT version that changes them fails here: read the new
+# method and carry its change into the override (then update the digest).
+OTT_METHODS = {"one_iteration": "deae0ed5fb89d602", "init_state": "61b1c5b1bb135132"}
+
+
+def test_sinkhorn_override_follows_otts_solver():
+    import hashlib
+    import inspect
+
+    from ott.geometry import pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn
+
+    from wmdd_jax.barycenter.ott_compat import _Sinkhorn
+
+    for name, digest in OTT_METHODS.items():
+        source = inspect.getsource(getattr(sinkhorn.Sinkhorn, name))
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == digest, \
+            f"OTT's Sinkhorn.{name} changed: re-read it against _Sinkhorn.{name}"
+    # Outside shard_map the override is OTT's solver, iteration for iteration: the same potentials,
+    # errors and iteration count, with a progress callback as OTT calls it.
+    x, y = clusters(0, 12), clusters(1, 9)
+    prob = linear_problem.LinearProblem(pointcloud.PointCloud(x, y, epsilon=0.05))
+    seen = []
+    options = dict(threshold=1e-6, max_iterations=400, inner_iterations=10,
+                   progress_fn=lambda status: seen.append(int(status[0])))
+    ours, theirs = jax.jit(lambda p: _Sinkhorn(**options)(p))(prob), jax.jit(lambda p: sinkhorn.Sinkhorn(**options)(p))(prob)
+    jax.effects_barrier()
+    assert int(ours.n_iters) == int(theirs.n_iters) > 10 and len(seen) == 2 * int(ours.n_iters)
+    for a, b in ((ours.f, theirs.f), (ours.g, theirs.g), (ours.errors, theirs.errors)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

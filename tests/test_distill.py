@@ -104,10 +104,10 @@ def test_recover_resumes_exactly(distilled, tmp_path, monkeypatch):
             return step(*a)
         return wrapped
 
-    monkeypatch.setattr(distill, "make_synthesis_step", failing)
+    monkeypatch.setattr(distill.synthesis, "make_synthesis_step", failing)
     with pytest.raises(Stop):
         distill.recover(config, str(tmp_path / "cut"))
-    monkeypatch.setattr(distill, "make_synthesis_step", make)
+    monkeypatch.setattr(distill.synthesis, "make_synthesis_step", make)
     resumed = distill.recover(config, str(tmp_path / "cut"))
     np.testing.assert_allclose(resumed, full, atol=1e-6)
     assert os.path.exists(tmp_path / "cut" / "synthetic" / "grid.png")
@@ -226,7 +226,7 @@ def test_stored_soft_labels_are_the_online_teacher(distilled):
     os.makedirs(folder)
     made_by = {"teacher": "t" * 16, "images": "i" * 16}
     write_npz(os.path.join(folder, relabel.SOFT_LABELS_FILE), logits=logits, data_seed=4, epochs=spec.epochs,
-              batch_size=batch_size, num_images=len(images), augment=relabel._augment_recipe(spec), **made_by)
+              batch_size=batch_size, num_images=len(images), augment=relabel.augment_recipe(spec), **made_by)
     assert relabel.load_soft_labels(folder, spec, len(images), made_by)[1] == 4
     with pytest.raises(UserError, match="augmentation"):
         relabel.load_soft_labels(folder, config.eval.soft, len(images), made_by)

@@ -19,7 +19,7 @@ from tests.conftest import tiny_config  # noqa: E402
 from wmdd_jax import distill, interop  # noqa: E402
 from wmdd_jax.data import ArraySource, normalize  # noqa: E402
 from wmdd_jax.errors import UserError  # noqa: E402
-from wmdd_jax.evaluate import load_image_set  # noqa: E402
+from wmdd_jax.image_sets import load_image_set  # noqa: E402
 from wmdd_jax.interop.export import export  # noqa: E402
 from wmdd_jax.models import create_model  # noqa: E402
 from wmdd_jax.teacher import load_teacher  # noqa: E402

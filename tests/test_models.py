@@ -101,3 +101,33 @@ def test_unknown_model_and_norm_are_errors():
         create_model("vgg11", 10)
     with pytest.raises(ValueError, match="norm must be"):
         init_variables(create_model("convnet3", 10, norm="layer"), jax.random.key(0), (8, 8, 1))
+
+
+def test_one_registry_entry_adds_a_model(monkeypatch, tmp_path):
+    """A new model, registered once, is valid in configs, described in a teacher's model.json, built
+    back from it, and converts to PyTorch names (by family)."""
+    import ml_collections
+
+    from configs.default import train_spec
+    from wmdd_jax import models, teacher
+    from wmdd_jax.config_check import check_train_spec
+    from wmdd_jax.interop import key_map
+    from wmdd_jax.models.resnet import ResNet
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    models.register_model("resnet10", functools.partial(ResNet, stage_sizes=(1, 1, 1, 1)), ("stem",))
+    spec = train_spec(model="resnet10", stem="tiny", norm="batch")
+    check_train_spec(ml_collections.ConfigDict({"teacher": spec}), "teacher")
+    source = ml_collections.ConfigDict(dict(num_classes=3, image_shape=(16, 16, 3)))
+    described = teacher._describe(spec, source)
+    assert described == {"model": "resnet10", "stem": "tiny", "num_classes": 3, "image_shape": [16, 16, 3]}
+    model = teacher.model_from_spec(spec, 3)
+    assert model.stage_sizes == (1, 1, 1, 1) and model.stem == "tiny"
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (16, 16, 3)))
+    keys = [e.torch_key for e in key_map(model, shapes)]
+    assert "layer4.0.downsample.1.running_var" in keys and "layer4.1.conv1.weight" not in keys
+    assert count(shapes["params"]) == sum(int(np.prod(e)) for e in [
+        (64, 3, 3, 3), (64,), (64,), *[(c, c_in, 3, 3) for c, c_in in ((64, 64), (64, 64))], (64,), (64,), (64,), (64,),
+        (128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), *[(128,)] * 6,
+        (256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), *[(256,)] * 6,
+        (512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), *[(512,)] * 6, (3, 512), (3,)])

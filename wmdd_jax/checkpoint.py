@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from wmdd_jax import files
@@ -42,10 +45,6 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
 
 def write_npz(path: str, **arrays) -> None:
     """``np.savez`` made atomic: a reader (or a resumed run) never sees half a file."""
-    import io
-
-    import numpy as np
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     files.write_atomic(path, buffer.getvalue())
@@ -54,10 +53,6 @@ def write_npz(path: str, **arrays) -> None:
 def read_npz(path: str, stage: str) -> dict:
     """Every array of the ``.npz`` at ``path``, read now; a damaged or cut-off file is a `UserError`
     that says to rerun ``stage`` (the stage that writes it)."""
-    import zipfile
-
-    import numpy as np
-
     try:
         with np.load(path, allow_pickle=False) as z:
             return {key: z[key] for key in z.files}

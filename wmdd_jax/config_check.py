@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
+from wmdd_jax.data import available
 from wmdd_jax.errors import UserError
+from wmdd_jax.models import model_names
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "step", "constant")
@@ -60,8 +62,6 @@ def _finite_number(config, key: str, positive: bool = False) -> None:
 
 def check_train_spec(config, key: str) -> None:
     """One training recipe (``teacher``, ``eval.hard``, ``eval.soft``)."""
-    from wmdd_jax.models import model_names
-
     _one_of(config, f"{key}.model", model_names())
     _one_of(config, f"{key}.norm", NORMS)
     _one_of(config, f"{key}.stem", STEMS)
@@ -87,15 +87,11 @@ def check_config(config) -> None:
     """Raises a `UserError` for the first key of ``config`` that no stage could run with."""
     _positive_int(config, "ipc")
     _one_of(config, "conv_impl", CONV_IMPLS)
-    from wmdd_jax.data import available
-
     _one_of(config, "data.name", available())
     _positive_int(config, "data.validation_per_class", zero_ok=True)
     check_train_spec(config, "teacher")
     for mode in ("hard", "soft"):
         check_train_spec(config, f"eval.{mode}")
-    from wmdd_jax.models import model_names
-
     models = tuple(config.eval.models)
     if not models:
         _fail("eval.models", models, "name at least one model")

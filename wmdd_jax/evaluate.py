@@ -16,56 +16,13 @@ import os
 
 import numpy as np
 
-from wmdd_jax import checkpoint as ckpt
 from wmdd_jax import results
-from wmdd_jax.data import ArraySource, Source, load_split, random_subset
+from wmdd_jax.data import ArraySource, load_split, random_subset
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
-from wmdd_jax.relabel import image_set_id, load_soft_labels
+from wmdd_jax.image_sets import image_set_id, images_per_class, load_image_set, load_soft_labels
 from wmdd_jax.teacher import identity, load_teacher, model_from_spec
 from wmdd_jax.train import BOOKKEEPING, train
-
-SYNTHETIC_FILE = "images.npz"
-
-
-def load_image_set(path: str, like: Source) -> tuple[ArraySource, np.ndarray, str]:
-    """A saved set: ``images`` [n, h, w, c] in [0, 1], ``labels`` [n], optional ``weights`` [n], ``method``."""
-    file = path if path.endswith(".npz") else os.path.join(path, SYNTHETIC_FILE)
-    from wmdd_jax import interop
-
-    if not os.path.exists(file) and interop.is_torch_image_set(path):  # class folders or a .pt file
-        return interop.load_torch_image_set(path, like)
-    if not os.path.exists(file):
-        raise UserError(_no_image_set(path, file))
-    z = ckpt.read_npz(file, "recover")
-    if "images" not in z or "labels" not in z:
-        raise UserError(f"{file} holds {sorted(z)}, not an image set ('images' [n, h, w, c] in [0, 1] and "
-                        f"'labels' [n])")
-    images, labels = z["images"].astype(np.float32), z["labels"].astype(np.int32)
-    weights = z["weights"].astype(np.float32) if "weights" in z else np.ones(len(labels), np.float32)
-    method = str(z["method"]) if "method" in z else "synthetic"
-    if images.ndim != 4 or len(images) != len(labels):
-        raise UserError(f"{file} holds images of shape {images.shape} and labels of shape {labels.shape}; "
-                        f"expected [n, h, w, c] and [n]")
-    if tuple(images.shape[1:]) != tuple(like.image_shape):
-        raise UserError(f"images in {file} are {images.shape[1:]}, the dataset's are {like.image_shape}")
-    return ArraySource(images, labels, like.num_classes, like.mean, like.std, name=file), weights, method
-
-
-def _no_image_set(path: str, file: str) -> str:
-    """What to say when ``path`` holds no image set we can read."""
-    if not os.path.exists(path):
-        if path.rstrip("/").endswith("synthetic"):
-            return f"no image set at {file}: run the distillation stages first, or pass --config.eval.source=random_real"
-        return f"--config.eval.source={path} does not exist: pass a folder holding images.npz, new000/ class folders or a .pt file"
-    if os.path.isdir(path):
-        folders = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-        if folders:
-            return (f"{path} holds folders {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''} but no image "
-                    f"set: class folders must be named new000, new001, ... (the SRe2L/WMDD layout), or give "
-                    f"an images.npz or a .pt file")
-    return f"no image set at {file}: {path} holds no images.npz, new000/ class folders or .pt file"
-
 
 def _seeds(config) -> list[int]:
     seeds = [int(seed) for seed in config.eval.seeds]
@@ -74,23 +31,6 @@ def _seeds(config) -> list[int]:
         raise UserError(f"eval.seeds must be distinct seeds, got {tuple(config.eval.seeds)}"
                         + (f" ({repeated} repeated: one run would count as several)" if repeated else ""))
     return seeds
-
-
-def images_per_class(labels: np.ndarray, num_classes: int, where: str) -> int | None:
-    """The set's IPC: its images per class when every class has the same count, else None.
-
-    A set that lacks a class entirely (or has labels outside the dataset's classes) is refused.
-    """
-    labels = np.asarray(labels)
-    outside = labels[(labels < 0) | (labels >= num_classes)]
-    if outside.size:
-        raise UserError(f"{where} has labels {sorted(set(outside.tolist()))[:5]} outside the dataset's "
-                        f"{num_classes} classes [0, {num_classes})")
-    counts = np.bincount(labels, minlength=num_classes)
-    if not counts.all():
-        raise UserError(f"{where} has no images of classes {np.flatnonzero(counts == 0).tolist()} (of "
-                        f"{num_classes}): a student trained on it could never predict them; complete the set")
-    return int(counts[0]) if np.all(counts == counts[0]) else None
 
 
 def student_recipe(config, mode: str, soft_labels: str | None) -> dict:

@@ -12,7 +12,6 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wmdd_jax.config_check import check_config
 from wmdd_jax.errors import UserError
 from wmdd_jax.files import WorkdirLock
 
@@ -23,6 +22,7 @@ config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override f
 
 
 def _stages():
+    # Imported on use: a bad flag or config key is reported before jax and flax load (seconds).
     from wmdd_jax import distill
     from wmdd_jax.evaluate import evaluate
     from wmdd_jax.interop.export import export
@@ -95,9 +95,12 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
     logging.set_verbosity(logging.WARNING)  # absl INFO (backend probing, orbax) would bury our output
     try:
+        # Here, not at the top: flag errors (in _parse) are reported before jax and flax load.
+        from wmdd_jax.config_check import check_config
+        from wmdd_jax.sharding import initialize_distributed, process_index
+
         check_config(config)
         _make_workdir(FLAGS.workdir)
-        from wmdd_jax.sharding import initialize_distributed, process_index
 
         initialize_distributed(config)  # before any computation; a no-op unless asked for
         # One lock per process of a run: the processes of one jax.distributed run share the folder.

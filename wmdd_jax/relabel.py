@@ -10,7 +10,6 @@ online alternative (``"online"``) runs the teacher in the loop on the same batch
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -20,11 +19,11 @@ from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
 from wmdd_jax.data import load_split
-from wmdd_jax.errors import UserError
-from wmdd_jax.fingerprint import fingerprint
+from wmdd_jax.image_sets import SOFT_LABELS_FILE, augment_recipe, image_set_id, load_image_set, load_soft_labels
+from wmdd_jax.teacher import identity, load_teacher
 from wmdd_jax.train import augmented_input, batch_indices, batch_plan, data_key
 
-SOFT_LABELS_FILE = "soft_labels.npz"
+__all__ = ["SOFT_LABELS_FILE", "load_soft_labels", "relabel", "store_soft_labels"]
 
 
 def store_soft_labels(teacher, spec, images: np.ndarray, mean, std, data_seed: int,
@@ -48,9 +47,6 @@ def store_soft_labels(teacher, spec, images: np.ndarray, mean, std, data_seed: i
 
 def relabel(config, workdir: str) -> str:
     """Writes ``synthetic/soft_labels.npz`` (skipped when present for this teacher and set); returns its path."""
-    from wmdd_jax.evaluate import load_image_set
-    from wmdd_jax.teacher import identity, load_teacher
-
     folder = os.path.join(workdir, "synthetic")
     path = os.path.join(folder, SOFT_LABELS_FILE)
     train_source = load_split(config.data, "train")
@@ -64,46 +60,10 @@ def relabel(config, workdir: str) -> str:
     logits = store_soft_labels(teacher, config.eval.soft, data.images, data.mean, data.std,
                                config.eval.relabel_seed)
     ckpt.write_npz(path, logits=logits, data_seed=config.eval.relabel_seed, epochs=config.eval.soft.epochs,
-                   batch_size=logits.shape[1], num_images=len(data), augment=_augment_recipe(config.eval.soft),
+                   batch_size=logits.shape[1], num_images=len(data), augment=augment_recipe(config.eval.soft),
                    **made_by)
     print(f"relabel: {logits.shape[0]} steps x {logits.shape[1]} soft labels "
           f"({logits.nbytes / 2**20:.1f} MiB, {time.time() - t0:.0f} s)")
     return path
 
 
-def _augment_recipe(spec) -> str:
-    """The augmentation the stored labels were made under, as canonical JSON."""
-    return json.dumps(spec.augment.to_dict(), sort_keys=True)
-
-
-def image_set_id(data, weights) -> str:
-    """The fingerprint of an image set: its images, labels and per-image loss weights."""
-    return fingerprint({"images": data.images, "labels": data.labels, "weights": weights})
-
-
-def load_soft_labels(folder: str, spec, num_images: int, made_by: dict[str, str]) -> tuple[np.ndarray, int]:
-    """(logits, data_seed) stored for ``spec``; a clear error when absent or made for another recipe.
-
-    ``made_by``: ``{"teacher": ..., "images": ...}`` fingerprints the labels must have been made
-    from (`wmdd_jax.teacher.identity`, `image_set_id`).
-    """
-    path = os.path.join(folder, SOFT_LABELS_FILE)
-    if not os.path.exists(path):
-        raise UserError(f"no stored soft labels at {path}: run the 'relabel' stage, or set "
-                        f"--config.eval.soft.relabel=online")
-    z = ckpt.read_npz(path, "relabel")
-    logits, seed = z["logits"], int(z["data_seed"])
-    made_for = (int(z["epochs"]), int(z["num_images"]))
-    augment = str(z["augment"]) if "augment" in z else None
-    stored_by = {key: str(z[key]) if key in z else "unrecorded" for key in made_by}
-    if made_for != (int(spec.epochs), num_images):
-        raise UserError(f"{path} was made for {made_for[0]} epochs over {made_for[1]} images, the recipe is "
-                        f"{spec.epochs} epochs over {num_images}: delete it and rerun 'relabel'")
-    if augment is not None and augment != _augment_recipe(spec):
-        raise UserError(f"{path} was made under augmentation {augment}, the recipe's is "
-                        f"{_augment_recipe(spec)}: delete it and rerun 'relabel'")
-    for key, want in made_by.items():
-        if stored_by[key] != want:
-            raise UserError(f"{path} was made from another {'teacher' if key == 'teacher' else 'image set'} "
-                            f"({key} {stored_by[key]} there, {want} now): delete it and rerun 'relabel'")
-    return logits, seed

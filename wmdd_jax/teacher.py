@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +13,8 @@ from wmdd_jax import files
 from wmdd_jax.data import Source, load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
-from wmdd_jax.models import create_model
+from wmdd_jax.interop import load_torch_teacher
+from wmdd_jax.models import create_model, model_names, model_options
 from wmdd_jax.train import Teacher, init_variables, train
 
 _MODEL_FILE = "model.json"
@@ -20,14 +22,12 @@ IDENTITY_FILE = "identity.json"
 
 
 def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
-    return create_model(spec.model, num_classes, norm=spec.norm, stem=spec.stem, width=spec.width,
-                        conv_impl=conv_impl, first_padding=spec.first_padding)
+    return create_model(spec.model, num_classes, conv_impl=conv_impl, **model_options(spec))
 
 
 def _describe(spec, source: Source) -> dict:
-    return {"model": spec.model, "norm": spec.norm, "stem": spec.stem, "width": spec.width,
-            "first_padding": spec.first_padding,
-            "num_classes": source.num_classes, "image_shape": list(source.image_shape)}
+    return {"model": spec.model, **model_options(spec), "num_classes": source.num_classes,
+            "image_shape": list(source.image_shape)}
 
 
 def pretrain(config, workdir: str) -> Teacher:
@@ -37,7 +37,7 @@ def pretrain(config, workdir: str) -> Teacher:
     train_source = load_split(config.data, "train")
     test_source = load_split(config.data, "test")
     spec = config.teacher
-    if (spec.model.startswith("convnet") and spec.norm != "batch") or spec.label_mode != "hard":
+    if ("norm" in model_options(spec) and spec.norm != "batch") or spec.label_mode != "hard":
         raise UserError("the teacher must be trained with hard labels and have BatchNorm layers (WMDD matches "
                         "their statistics): set --config.teacher.norm=batch and --config.teacher.label_mode=hard")
     model = model_from_spec(spec, train_source.num_classes, config.conv_impl)
@@ -50,6 +50,13 @@ def pretrain(config, workdir: str) -> Teacher:
     files.write_json(os.path.join(out, IDENTITY_FILE), {"teacher": identity(teacher)})
     print(f"teacher: test accuracy {result.test_accuracy:.2f}% after {result.steps} steps "
           f"({result.seconds / 60:.1f} min)")
+    chance = 100.0 / train_source.num_classes
+    if result.test_accuracy is not None and result.test_accuracy < 1.5 * chance:
+        # Finite but useless (e.g. a learning rate that blew the weights up without a NaN): every
+        # stage after it would run on it, so say so.
+        print(f"teacher: warning: {result.test_accuracy:.2f}% is close to chance ({chance:.0f}%), so the "
+              f"teacher learned nothing; see {out}/metrics.jsonl, lower --config.teacher.lr or train longer",
+              file=sys.stderr)
     return teacher
 
 
@@ -57,8 +64,6 @@ def load_teacher(config, workdir: str) -> Teacher:
     """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``."""
     folder = config.teacher.checkpoint or os.path.join(workdir, "teacher")
     if os.path.isfile(folder):  # a PyTorch checkpoint (.pth/.pt) of the architecture config.teacher names
-        from wmdd_jax.interop import load_torch_teacher
-
         return _finite(load_torch_teacher(config, folder), folder)
     described = os.path.join(folder, _MODEL_FILE)
     if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
@@ -72,8 +77,12 @@ def load_teacher(config, workdir: str) -> Teacher:
         raise UserError(f"the teacher in {folder} was trained on {d['num_classes']} classes of "
                         f"{tuple(d['image_shape'])} images, but {config.data.name} has {source.num_classes} of "
                         f"{tuple(source.image_shape)}: use a teacher of this dataset (--config.teacher.checkpoint)")
-    model = create_model(d["model"], d["num_classes"], norm=d["norm"], stem=d["stem"], width=d["width"],
-                         conv_impl=config.conv_impl, first_padding=d.get("first_padding", 1))  # older teachers: 1
+    if d.get("model") not in model_names():
+        raise UserError(f"{described} names model {d.get('model')!r}, which this version does not have "
+                        f"({', '.join(model_names())})")
+    options = {k: v for k, v in d.items() if k not in ("model", "num_classes", "image_shape")}
+    options.setdefault("first_padding", 1)  # ConvNet teachers written before the field existed used 1
+    model = create_model(d["model"], d["num_classes"], conv_impl=config.conv_impl, **options)
     # Shapes only (no init to run); on this process's first device, as a fresh init would be: a
     # target without a sharding makes a multi-process restore wait on the other processes.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from wmdd_jax.errors import UserError
+
 
 class Source(Protocol):
     """What a dataset split offers the rest of the toolkit."""
@@ -118,8 +120,6 @@ def random_subset(source: Source, ipc: int, seed: int) -> tuple[np.ndarray, np.n
     for k in range(source.num_classes):
         idx = source.class_indices(k)
         if len(idx) < ipc:
-            from wmdd_jax.errors import UserError
-
             raise UserError(f"class {k} of {source.name} has {len(idx)} images, fewer than ipc={ipc}; "
                             f"lower --config.ipc")
         picks.append(np.sort(rng.choice(idx, ipc, replace=False)))

@@ -8,10 +8,15 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from wmdd_jax.data import load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.interop.state_dict import from_torch, to_torch
+from wmdd_jax.models import create_model, model_options
+from wmdd_jax.train import Teacher, init_variables
 
 # Wrappers that prefix every key: DataParallel / DistributedDataParallel, torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
@@ -78,8 +83,8 @@ def save_torch_checkpoint(path: str, state_dict: Mapping[str, np.ndarray]) -> No
 
 def _describe(config, num_classes: int, path: str) -> str:
     spec = config.teacher
-    fields = ("model", "norm", "width") if spec.model.startswith("convnet") else ("model", "stem")
-    flags = " ".join(f"--config.teacher.{f}={spec[f]}" for f in fields)
+    fields = {"model": spec.model, **model_options(spec)}
+    flags = " ".join(f"--config.teacher.{k}={v}" for k, v in fields.items())
     return f"the model of {flags} ({num_classes} classes, {config.data.name}); set those fields to match {path}"
 
 
@@ -89,18 +94,10 @@ def load_torch_teacher(config, path: str):
     The model is ``config.teacher.model`` with its ``norm``, ``stem`` and ``width``, for the
     number of classes and the image shape of ``config.data``'s training split.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from wmdd_jax.data import load_split
-    from wmdd_jax.models import create_model
-    from wmdd_jax.train import Teacher, init_variables
-
     spec = config.teacher
     source = load_split(config.data, "train")
     image_shape = tuple(source.image_shape)
-    model = create_model(spec.model, source.num_classes, norm=spec.norm, stem=spec.stem, width=spec.width,
-                         conv_impl=config.conv_impl, first_padding=spec.first_padding)
+    model = create_model(spec.model, source.num_classes, conv_impl=config.conv_impl, **model_options(spec))
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
     variables = from_torch(load_torch_checkpoint(path), model, shapes, image_shape,
                            describe=_describe(config, source.num_classes, path))
@@ -113,6 +110,4 @@ def save_torch_teacher(teacher, path: str, image_shape: tuple[int, int, int]) ->
 
 
 def jax_to_numpy(tree):
-    import jax
-
     return jax.tree.map(np.asarray, {k: v for k, v in tree.items() if k in ("params", "batch_stats")})

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
-
 from wmdd_jax.checkpoint import read_npz
+from wmdd_jax.data import load_split
 from wmdd_jax.errors import UserError
+from wmdd_jax.interop.checkpoint import save_torch_teacher
 from wmdd_jax.interop.images import write_image_folder, write_tensor_file
+from wmdd_jax.teacher import load_teacher
 
 EXPORT_DIR = "pytorch"
 DEFAULTS = {"image_format": "png", "jpeg_quality": 95}
@@ -30,10 +31,6 @@ DEFAULTS = {"image_format": "png", "jpeg_quality": 95}
 
 def export(config, workdir: str) -> list[str]:
     """Writes the PyTorch-format files; returns their paths."""
-    from wmdd_jax.data import load_split
-    from wmdd_jax.interop.checkpoint import save_torch_teacher
-    from wmdd_jax.teacher import load_teacher
-
     spec = dict(DEFAULTS, **(config.export.to_dict() if "export" in config else {}))
     out_dir = os.path.join(workdir, EXPORT_DIR)
     synthetic = os.path.join(workdir, "synthetic", "images.npz")

@@ -38,7 +38,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from wmdd_jax import files
+from wmdd_jax.data import ArraySource
 from wmdd_jax.errors import UserError
+from wmdd_jax.interop.checkpoint import import_torch, to_numpy, torch_load
 
 META_FILE = "wmdd_meta.json"
 DEFAULT_METHOD = "pytorch"
@@ -198,8 +200,6 @@ def _first(d, keys):
 
 def read_tensor_file(path: str, mean: Sequence[float], std: Sequence[float]) -> ImageSet:
     """Reads a ``.pt`` image set (layouts in the module docstring), denormalised with ``mean``/``std``."""
-    from wmdd_jax.interop.checkpoint import to_numpy, torch_load
-
     path = _find_tensor_file(path)
     obj = torch_load(path)
     weights, method = None, DEFAULT_METHOD
@@ -238,8 +238,6 @@ def read_tensor_file(path: str, mean: Sequence[float], std: Sequence[float]) -> 
 def write_tensor_file(path: str, images: np.ndarray, labels: np.ndarray, mean: Sequence[float],
                       std: Sequence[float], weights: np.ndarray | None = None, method: str | None = None) -> None:
     """Writes ``{'images': [n, c, h, w] normalised float32, 'labels': [n] int64, 'mean', 'std', ...}``."""
-    from wmdd_jax.interop.checkpoint import import_torch
-
     torch = import_torch()
     m = np.asarray(mean, np.float32).reshape(1, 1, 1, -1)
     s = np.asarray(std, np.float32).reshape(1, 1, 1, -1)
@@ -273,8 +271,6 @@ def read_torch_image_set(path: str, like) -> ImageSet:
 
 
 def load_torch_image_set(path: str, like):
-    """What `wmdd_jax.evaluate.load_image_set` returns, for a PyTorch set: (ArraySource, weights, method)."""
-    from wmdd_jax.data import ArraySource
-
+    """What `wmdd_jax.image_sets.load_image_set` returns, for a PyTorch set: (ArraySource, weights, method)."""
     s = read_torch_image_set(path, like)
     return ArraySource(s.images, s.labels, like.num_classes, like.mean, like.std, name=path), s.weights, s.method

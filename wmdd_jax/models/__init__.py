@@ -7,13 +7,40 @@ configs: ``convnet3``, ``convnet4`` (``norm``: instance | batch | none) and
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import flax.linen as nn
 
 from wmdd_jax.models.convnet import ConvNet, ConvNet3, ConvNet4
 from wmdd_jax.models.layers import BN_STATS, BatchNorm, InstanceNorm, collect_bn_moments, pooled_moments
 from wmdd_jax.models.resnet import ResNet, ResNet18
 
-_REGISTRY = {"convnet3": ConvNet3, "convnet4": ConvNet4, "resnet18": ResNet18}
+
+class ModelEntry(NamedTuple):
+    """A registered model: its builder and the fields of a training recipe (``configs/default.py``
+    ``train_spec``) that it takes, besides ``num_classes`` and ``conv_impl``."""
+
+    build: Callable[..., nn.Module]
+    options: tuple[str, ...]
+
+
+# Adding a model is one entry here: configs, teachers' model.json, the CLI's name check and the
+# PyTorch key maps (by family: any ConvNet or ResNet) follow from it.
+_CONVNET = ("norm", "width", "first_padding")
+_REGISTRY = {
+    "convnet3": ModelEntry(ConvNet3, _CONVNET),
+    "convnet4": ModelEntry(ConvNet4, _CONVNET),
+    "resnet18": ModelEntry(ResNet18, ("stem",)),
+}
+
+
+def register_model(name: str, build: Callable[..., nn.Module], options: tuple[str, ...]) -> None:
+    """Adds a model under ``name``: ``build(num_classes=..., conv_impl=..., **options)`` returns it.
+
+    A ConvNet or ResNet variant (e.g. ``functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))``) also
+    converts to and from PyTorch with no further change.
+    """
+    _REGISTRY[name] = ModelEntry(build, tuple(options))
 
 
 def model_names() -> tuple[str, ...]:
@@ -21,18 +48,27 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def create_model(name: str, num_classes: int, *, norm: str = "instance", stem: str = "small",
-                 width: int = 128, conv_impl: str = "auto", first_padding: int = -1) -> nn.Module:
-    """Builds a registered model; options a model does not take are ignored."""
+def model_options(spec) -> dict:
+    """The fields of the training recipe ``spec`` (a config section with ``model``) its model takes."""
+    return {key: spec[key] for key in _entry(spec["model"]).options}
+
+
+def _entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}")
-    if name.startswith("convnet"):
-        return _REGISTRY[name](num_classes=num_classes, norm=norm, width=width, conv_impl=conv_impl,
-                               first_padding=first_padding)
-    return _REGISTRY[name](num_classes=num_classes, stem=stem, conv_impl=conv_impl)
+        raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int, *, conv_impl: str = "auto", **options) -> nn.Module:
+    """Builds a registered model; ``options`` (e.g. ``norm``, ``width``, ``stem``) a model does not take
+    are ignored, so one recipe serves every model."""
+    entry = _entry(name)
+    return entry.build(num_classes=num_classes, conv_impl=conv_impl,
+                       **{k: v for k, v in options.items() if k in entry.options})
 
 
 __all__ = [
     "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "InstanceNorm", "ResNet", "ResNet18",
-    "collect_bn_moments", "create_model", "model_names", "pooled_moments",
+    "ModelEntry", "collect_bn_moments", "create_model", "model_names", "model_options", "pooled_moments",
+    "register_model",
 ]

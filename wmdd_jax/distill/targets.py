@@ -1,0 +1,100 @@
+"""Stage ``barycenter``: the targets of the synthesis, per class.
+
+`wmdd_jax.barycenter.class_barycenters` on each class's teacher features (from ``statistics``):
+IPC support points and their weights per class (``barycenter/class_00007.npz``), the points the
+synthetic images' features are pulled onto.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+
+from wmdd_jax import barycenter as bary
+from wmdd_jax import checkpoint as ckpt
+from wmdd_jax import sharding
+from wmdd_jax.data import load_split
+from wmdd_jax.distill.class_stats import (STATS_DIR, ClassStatistics, class_file, data_recipe, load_statistics,
+                                          owned_classes)
+from wmdd_jax.errors import UserError
+from wmdd_jax.teacher import identity as teacher_identity
+from wmdd_jax.teacher import load_teacher
+
+BARYCENTER_DIR = "barycenter"
+
+
+def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int,
+                        num_classes: int | None = None) -> bary.BarycenterOutput:
+    """``class_barycenters`` over the classes of ``stats`` (padded with zero weight), jitted once.
+
+    Class ``k`` draws from ``split(key(seed), num_classes)[k]`` (``num_classes``: of the whole
+    set, default ``len(stats.classes)``), so a process's subset gives the rows of the full run.
+    """
+    num_classes = len(stats.classes) if num_classes is None else num_classes
+    labels = np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(stats.features)])
+    features = np.concatenate(stats.features)
+    sizes = [len(f) for f in stats.features]
+    if min(sizes) < ipc:
+        raise UserError(f"class {stats.classes[int(np.argmin(sizes))]} has {min(sizes)} images, fewer than "
+                        f"ipc={ipc}; lower --config.ipc or raise --config.barycenter.max_features_per_class")
+    options = dict(learn_weights=bool(bary_config.learn_weights), num_iterations=int(bary_config.num_iterations),
+                   batch_size=int(bary_config.batch_size) or None)
+    fn = jax.jit(functools.partial(bary.class_barycenters, num_classes=len(sizes), num_support=ipc,
+                                   max_class_size=max(sizes), **options))
+    keys = jax.random.split(jax.random.key(seed), num_classes)[np.asarray(stats.classes)]
+    return fn(features, labels, rng=keys)
+
+
+BARYCENTER_KEYS = ("support", "weights", "cost", "converged")
+
+
+def load_barycenters(folder: str, classes: list[int]) -> dict[str, np.ndarray]:
+    """``support [n, m, d]``, ``weights [n, m]``, ``cost [n]``, ``converged [n]`` for ``classes``."""
+    missing = [class_file(folder, k) for k in classes if not os.path.exists(class_file(folder, k))]
+    if missing:
+        raise UserError(f"{len(missing)} barycenter files missing in {folder} (first: {missing[0]}): run the "
+                        f"'barycenter' stage with this --workdir")
+    rows = []
+    for k in classes:
+        z = ckpt.read_npz(class_file(folder, k), "barycenter")
+        rows.append({key: z[key] for key in BARYCENTER_KEYS})
+    return {key: np.stack([r[key] for r in rows]) for key in BARYCENTER_KEYS}
+
+
+def barycenter(config, workdir: str, teacher_id: str | None = None) -> dict[str, np.ndarray]:
+    """Stage ``barycenter``: ``barycenter/class_*.npz`` (support [m, d], weights [m], cost, converged).
+
+    ``teacher_id``: the identity of the teacher (`wmdd_jax.teacher.identity`), if the caller holds it.
+    """
+    folder = os.path.join(workdir, BARYCENTER_DIR)
+    if teacher_id is None:
+        teacher_id = teacher_identity(load_teacher(config, workdir))
+    recipe = {k: v for k, v in config.barycenter.to_dict().items() if k != "batch_size"}  # batch_size: speed
+    source = load_split(config.data, "train")
+    ckpt.check_recipe(folder, dict(recipe, **data_recipe(config.data, source), teacher=teacher_id,
+                                   ipc=int(config.ipc), seed=int(config.seed)), "barycenters")
+    classes = owned_classes(sharding.make_mesh(config.mesh), source.num_classes)
+    if all(os.path.exists(class_file(folder, k)) for k in classes):
+        out = load_barycenters(folder, classes)
+        if out["support"].shape[1] == config.ipc:
+            return out
+        raise UserError(f"{folder} holds barycenters with {out['support'].shape[1]} points per class, not "
+                        f"ipc={config.ipc}; use a new --workdir for another IPC")
+    stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
+    t0 = time.time()
+    res = compute_barycenters(stats, config.ipc, config.barycenter, config.seed, source.num_classes)
+    os.makedirs(folder, exist_ok=True)
+    out = {key: np.asarray(getattr(res, key)) for key in BARYCENTER_KEYS}
+    bad = [k for k, support in zip(classes, out["support"]) if not np.all(np.isfinite(support))]
+    if bad:
+        raise UserError(f"the barycenters of classes {bad} are not finite (their teacher features hold NaN or "
+                        f"infinity); check the teacher and the data, then rerun 'statistics' in a new --workdir")
+    for i, k in enumerate(classes):
+        ckpt.write_npz(class_file(folder, k), **{key: v[i] for key, v in out.items()})
+    print(f"barycenter: {len(classes)} classes x {config.ipc} points, mean W2^2 {out['cost'].mean():.4g} "
+          f"({time.time() - t0:.0f} s)")
+    return out

@@ -72,3 +72,13 @@ def test_config_files_load_from_any_working_directory(tmp_path):
     out = cli("pretrain", f"--config={ROOT}/configs/fashion_mnist.py", "--config.ipc=0", workdir=str(tmp_path),
               cwd=str(tmp_path))
     assert out.returncode == 2 and "--config.ipc=0 is not valid" in out.stderr, out.stderr
+
+
+def test_a_teacher_at_chance_is_flagged(tmp_path):
+    """A learning rate that blows the weights up without a NaN (2 steps at lr 1e6: loss 5e9) leaves a
+    finite teacher at chance: the run says so instead of handing it on silently."""
+    out = cli("pretrain", FM, f"--config.data.data_dir={FMNIST_SUBSET}", f"--config.conv_impl={CONV_IMPL}",
+              "--config.teacher.width=8", "--config.teacher.epochs=1", "--config.teacher.lr=1e6",
+              workdir=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "close to chance (10%), so the teacher learned nothing" in out.stderr, out.stderr

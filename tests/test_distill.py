@@ -230,6 +230,11 @@ def test_stored_soft_labels_are_the_online_teacher(distilled):
     assert relabel.load_soft_labels(folder, spec, len(images), made_by)[1] == 4
     with pytest.raises(UserError, match="augmentation"):
         relabel.load_soft_labels(folder, config.eval.soft, len(images), made_by)
+    # ... and their batches: a student recipe with another batch size is refused, not a traceback.
+    halved = spec.copy_and_resolve_references()
+    halved.batch_size = batch_size // 2
+    with pytest.raises(UserError, match=f"in batches of {batch_size}, the recipe is .* in batches of {batch_size // 2}"):
+        relabel.load_soft_labels(folder, halved, len(images), made_by)
     # ... and the teacher and image set they came from.
     for key, what in (("teacher", "another teacher"), ("images", "another image set")):
         with pytest.raises(UserError, match=what):

@@ -19,6 +19,7 @@ from wmdd_jax import interop
 from wmdd_jax.data import ArraySource, Source
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
+from wmdd_jax.train import batch_plan
 
 SYNTHETIC_FILE = "images.npz"
 SOFT_LABELS_FILE = "soft_labels.npz"
@@ -100,12 +101,14 @@ def load_soft_labels(folder: str, spec, num_images: int, made_by: dict[str, str]
                         f"--config.eval.soft.relabel=online")
     z = ckpt.read_npz(path, "relabel")
     logits, seed = z["logits"], int(z["data_seed"])
-    made_for = (int(z["epochs"]), int(z["num_images"]))
+    made_for = (int(z["epochs"]), int(z["num_images"]), int(z["batch_size"]) if "batch_size" in z else logits.shape[1])
     augment = str(z["augment"]) if "augment" in z else None
     stored_by = {key: str(z[key]) if key in z else "unrecorded" for key in made_by}
-    if made_for != (int(spec.epochs), num_images):
-        raise UserError(f"{path} was made for {made_for[0]} epochs over {made_for[1]} images, the recipe is "
-                        f"{spec.epochs} epochs over {num_images}: delete it and rerun 'relabel'")
+    wanted = (int(spec.epochs), num_images, batch_plan(num_images, spec)[0])
+    if made_for != wanted:
+        raise UserError(f"{path} was made for {made_for[0]} epochs over {made_for[1]} images in batches of "
+                        f"{made_for[2]}, the recipe is {wanted[0]} epochs over {wanted[1]} in batches of "
+                        f"{wanted[2]}: delete it and rerun 'relabel'")
     if augment is not None and augment != augment_recipe(spec):
         raise UserError(f"{path} was made under augmentation {augment}, the recipe's is "
                         f"{augment_recipe(spec)}: delete it and rerun 'relabel'")

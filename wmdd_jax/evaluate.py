@@ -76,7 +76,7 @@ def evaluate(config, workdir: str) -> list[dict]:
             print(f"{method}: the set has {ipc} images per class; that is the IPC reported (not "
                   f"config.ipc={config.ipc})")
     online = "soft" in config.eval.label_modes and not stored
-    teacher = load_teacher(config, workdir) if "soft" in config.eval.label_modes else None
+    teacher = load_teacher(config, workdir, train_source) if "soft" in config.eval.label_modes else None
     teacher_id = identity(teacher) if teacher is not None else None
     images_id = image_set_id(fixed[0], fixed[1]) if fixed is not None else None
     soft_labels, data_seed = (load_soft_labels(path, config.eval.soft, len(fixed[0]),

@@ -51,7 +51,7 @@ def relabel(config, workdir: str) -> str:
     path = os.path.join(folder, SOFT_LABELS_FILE)
     train_source = load_split(config.data, "train")
     data, weights, _ = load_image_set(folder, train_source)
-    teacher = load_teacher(config, workdir)
+    teacher = load_teacher(config, workdir, train_source)
     made_by = {"teacher": identity(teacher), "images": image_set_id(data, weights)}
     if os.path.exists(path):
         load_soft_labels(folder, config.eval.soft, len(data), made_by)  # the same teacher, set and recipe

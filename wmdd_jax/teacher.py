@@ -60,8 +60,12 @@ def pretrain(config, workdir: str) -> Teacher:
     return teacher
 
 
-def load_teacher(config, workdir: str) -> Teacher:
-    """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``."""
+def load_teacher(config, workdir: str, source: Source | None = None) -> Teacher:
+    """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``.
+
+    ``source``: the training split of ``config.data``, if the caller has it loaded (it is checked
+    against the teacher's classes and image shape; else it is loaded here).
+    """
     folder = config.teacher.checkpoint or os.path.join(workdir, "teacher")
     if os.path.isfile(folder):  # a PyTorch checkpoint (.pth/.pt) of the architecture config.teacher names
         return _finite(load_torch_teacher(config, folder), folder)
@@ -72,7 +76,7 @@ def load_teacher(config, workdir: str) -> Teacher:
     d = files.read_json(described, what="the teacher's architecture")
     if not isinstance(d, dict):
         raise UserError(f"{described} is unreadable: delete {folder} and rerun 'pretrain'")
-    source = load_split(config.data, "train")
+    source = load_split(config.data, "train") if source is None else source
     if (d["num_classes"], tuple(d["image_shape"])) != (source.num_classes, tuple(source.image_shape)):
         raise UserError(f"the teacher in {folder} was trained on {d['num_classes']} classes of "
                         f"{tuple(d['image_shape'])} images, but {config.data.name} has {source.num_classes} of "

@@ -152,7 +152,7 @@ def statistics(config, workdir: str) -> ClassStatistics:
     folder = os.path.join(workdir, STATS_DIR)
     source = load_split(config.data, "train")
     classes = owned_classes(sharding.make_mesh(config.mesh), source.num_classes)
-    teacher = load_teacher(config, workdir)
+    teacher = load_teacher(config, workdir, source)
     ckpt.check_recipe(folder, dict(data_recipe(config.data, source), teacher=teacher_identity(teacher),
                                    max_features_per_class=int(config.barycenter.max_features_per_class),
                                    seed=int(config.seed)), "class statistics")

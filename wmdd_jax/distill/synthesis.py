@@ -99,7 +99,8 @@ def recover(config, workdir: str) -> np.ndarray:
         raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
                         f"got {cfg.iterations}")
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in (*BOOKKEEPING, "method")}
-    teacher = load_teacher(config, workdir)
+    source = load_split(config.data, "train")
+    teacher = load_teacher(config, workdir, source)
     teacher_id = teacher_identity(teacher)
     ckpt.check_recipe(out_dir, dict(recipe, teacher=teacher_id, ipc=int(config.ipc), seed=int(config.seed)),
                       "a synthetic set")
@@ -107,7 +108,6 @@ def recover(config, workdir: str) -> np.ndarray:
     mine = _shard_file(out_dir) if multi else out_file
     if sharding.all_processes_agree(os.path.exists(out_file) or os.path.exists(mine)):
         return _load_images(mine if os.path.exists(mine) else out_file)
-    source = load_split(config.data, "train")
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)
     classes = owned_classes(mesh, C)

@@ -71,10 +71,10 @@ def barycenter(config, workdir: str, teacher_id: str | None = None) -> dict[str,
     ``teacher_id``: the identity of the teacher (`wmdd_jax.teacher.identity`), if the caller holds it.
     """
     folder = os.path.join(workdir, BARYCENTER_DIR)
-    if teacher_id is None:
-        teacher_id = teacher_identity(load_teacher(config, workdir))
-    recipe = {k: v for k, v in config.barycenter.to_dict().items() if k != "batch_size"}  # batch_size: speed
     source = load_split(config.data, "train")
+    if teacher_id is None:
+        teacher_id = teacher_identity(load_teacher(config, workdir, source))
+    recipe = {k: v for k, v in config.barycenter.to_dict().items() if k != "batch_size"}  # batch_size: speed
     ckpt.check_recipe(folder, dict(recipe, **data_recipe(config.data, source), teacher=teacher_id,
                                    ipc=int(config.ipc), seed=int(config.seed)), "barycenters")
     classes = owned_classes(sharding.make_mesh(config.mesh), source.num_classes)

@@ -61,11 +61,13 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     ones) zeroes padded classes out of every term.
 
     The official code optimises batches of ``cfg.batch_size`` (100) images, i.e. groups of
-    g = batch_size / m whole classes. Summing the official loss over such class groups keeps
-    every image's gradient what it is there, whatever number of classes runs at once:
-      CE: sum of per-image cross-entropies / batch_size;
+    g = batch_size / m whole classes (fewer in the last group, and all classes in one group when
+    there are fewer than g). Summing the official loss over such class groups keeps every image's
+    gradient what it is there, whatever number of classes runs at once:
+      CE: sum over groups of the mean cross-entropy over the group's images;
       feature: sum over groups of the Frobenius norm of the group's feature differences;
       BN: sum over groups of the mean over its classes of ||var_t - var|| + ||mean_t - mean||.
+    A group's means divide by the real classes in it (padded classes count for nothing).
     """
     C, m = images.shape[:2]
     g = max(1, int(cfg.batch_size) // m)           # classes per official batch
@@ -79,10 +81,15 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
                                                     mutable=[BN_STATS])
     image_mask = jnp.repeat(mask, m)
     labels = jnp.repeat(class_ids, m)
-    ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * image_mask) / (g * m)
-
     class_group = jnp.arange(C) // g
-    group_has_class = jax.ops.segment_sum(mask, class_group, groups) > 0  # False: a group of padding only
+    count = jax.ops.segment_sum(mask, class_group, groups)  # real classes per group
+    group_has_class = count > 0  # False: a group of padding only
+
+    def group_means(per_class):  # [C] -> sum over groups of the group's mean over its classes
+        return jnp.sum(jax.ops.segment_sum(per_class * mask, class_group, groups) / jnp.maximum(count, 1))
+
+    ce_per_image = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = group_means(ce_per_image.reshape(C, m).mean(1))
     sq = jnp.sum(jnp.square(features - targets.support.reshape(C * m, -1)), axis=-1).reshape(C, m).sum(1)
     feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq * mask, class_group, groups) + 1e-12) * group_has_class)
 
@@ -93,7 +100,7 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
         if cfg.per_class_bn:
             mu, var = pooled_moments(mu_i, var_i, local, C)                  # [C, ch]
             per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)  # [C]
-            bn += weight * jnp.sum(per * mask) / g
+            bn += weight * group_means(per)
         else:  # SRe2L: each batch's statistics against the teacher's running statistics
             mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups, weights=image_mask)
             per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)

@@ -34,10 +34,12 @@ def _mix32(h):
 def _hash_uniform(seed, step, index, dtype):
     """Uniform(0, 1) noise that is a pure function of ``(seed, step, index)``.
 
-    The seeding needs O(k * trials * n) random numbers. ``jax.random`` would do, but every threefry
-    call adds seconds of XLA compile time on CPU and its numbers depend on array shapes; a
-    counter-based hash compiles to a few integer ops and gives point ``index`` the same number
-    whatever the padding.
+    The seeding needs O(k * trials * n) random numbers, and point ``index`` must get the same number
+    whatever the padding. ``jax.random`` keys folded in per point give that too, but compile to
+    threefry rounds: measured (``experiments/bench_seeding_prng.py``, one 6000 x 512 class, rows in
+    ``experiments/results/bench_seeding_prng.jsonl``) they made every barycenter program 1.3-2.3x
+    slower to compile (learned weights, m=10: 10.9 s -> 25.6 s; uniform, m=10: 7.4 s -> 12.2 s) and
+    ran no faster. This counter-based hash compiles to a few integer ops.
 
     Args:
         seed: ``uint32[w]`` key words. step: ``uint32`` scalar. index: ``uint32`` array.

@@ -10,7 +10,7 @@ def get_config():
     config = default.get_config()
     config.data.name = "cifar10"
     config.data.image_size = 32
-    config.teacher.epochs = 50
+    config.teacher.epochs = 50  # our choice (no published teacher recipe for a ConvNet here)
     config.eval.models = ("convnet3", "resnet18")
     config.synthesis.crop_scale = (0.5, 1.0)
     return config

@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     # Teacher: trained on the real training split; must have BatchNorm (WMDD matches its statistics).
+    # Our recipe for small images (no published one for a ConvNet teacher).
     config.teacher = train_spec(norm="batch", optimizer="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine",
                                 epochs=20, batch_size=256, augment=dict(flip=True, shift=2))
     config.teacher.checkpoint = ""       # a finished teacher work directory to reuse instead of training
@@ -79,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
                                   augment=dict(flip=True, crop_scale=(0.08, 1.0)))
     config.eval.soft.relabel = "online"  # online: teacher in the loop | stored: labels from the relabel stage
 
-    # Synthesis (WMDD recover stage; ../shared/DESIGN.md "Stage 4"), used from the distillation stages on.
+    # Synthesis (the recover stage; docs/method.md): the official code's ImageNette recipe.
     config.synthesis = ml_collections.ConfigDict(dict(
         iterations=2000,
         lr=0.25,                         # Adam on the pixels, betas (0.5, 0.9), cosine to 0

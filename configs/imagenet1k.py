@@ -1,5 +1,6 @@
-"""ImageNet-1K (1000 classes, 224 px). The teacher is torchvision's pretrained ResNet-18:
-set --config.teacher.checkpoint to it (PyTorch interop). Synthesis: lr 0.25, r_bn 500.
+"""ImageNet-1K (1000 classes, 224 px). The teacher is torchvision's pretrained ResNet-18, as in the
+official code: set --config.teacher.checkpoint to it (PyTorch interop); the teacher settings below are
+torchvision's recipe, for training one here. Synthesis: lr 0.25, r_bn 500 (official code).
 """
 
 from configs import imagenette

@@ -1,4 +1,4 @@
-"""ImageNette (10 ImageNet classes, 224 px): the official WMDD recipe (DESIGN.md, Stages 1, 4, 5).
+"""ImageNette (10 ImageNet classes, 224 px): the official WMDD code's recipe (docs/method.md).
 
 Teacher: ResNet-18 (ImageNet stem), SGD 0.025, momentum 0.9, wd 1e-4, batch 32, cosine, 50 epochs.
 Synthesis: 2000 iterations, Adam lr 0.25, r_bn 10, r_wb 1. Students: ResNet-18, soft labels of

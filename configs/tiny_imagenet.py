@@ -1,6 +1,7 @@
-"""Tiny-ImageNet (200 classes), upsampled to 224 px as in the official code (DESIGN.md).
+"""Tiny-ImageNet (200 classes), upsampled to 224 px as in the official code.
 
-Teacher: ResNet-18 with a 3x3 stride-2 stem (padding 3, no max-pool). Synthesis: lr 0.1, r_bn 500.
+Teacher: ResNet-18 with a 3x3 stride-2 stem (padding 3, no max-pool), as in the official code.
+Synthesis: lr 0.1, r_bn 500, the official code's instructions for this set.
 """
 
 from configs import imagenette

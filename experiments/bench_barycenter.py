@@ -1,4 +1,4 @@
-"""Benchmark: free-support W2 barycenters, this project vs OTT-JAX vs POT (issue 3).
+"""Benchmark: free-support W2 barycenters, this project vs OTT-JAX vs POT.
 
 For every cell (n points per class, d = 512, m support points, a batch of 1 or 10 classes) each
 method computes one barycenter per class; we record the compile time, the median run time and the
@@ -30,7 +30,7 @@ is jit lowering + XLA compilation. The machine is shared: each row records the 1
 With --quick: 3 / 1 runs everywhere, and the OTT rows of the 1300x50x10 cell use 3 of the 10 classes
 (their rows then say batch=3). The committed results: `python experiments/bench_barycenter.py`, 416 s.
 
-Separated clouds (issue 10, ``--separated``): a few well-separated Gaussian clusters (k in 3..5,
+Separated clouds (``--separated``): a few well-separated Gaussian clusters (k in 3..5,
 unit spread, centres sep / sqrt(2) * N(0, I), d 128..512, n 200..2000, m no multiple of k, equal or
 Dirichlet(2) cluster sizes). Per case, one row per uniform variant (``second_start`` on, the
 default, and off: the annealed path alone, as before the fix) with the exact W2^2 of ours and its
@@ -56,6 +56,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from wmdd_jax.results import code_commit  # noqa: E402
 from wmdd_jax import barycenter  # noqa: E402
 
 with warnings.catch_warnings():
@@ -67,6 +68,7 @@ import ot  # noqa: E402  (POT, the test extra)
 
 DATE = datetime.date.today().isoformat()
 MACHINE = "2-core CPU"
+COMMIT = code_commit()
 D = 512
 EPSILON_END = 1e-3  # barycenter.free_support_barycenter's default, relative to the class variance
 MOMENTUM = 1.6  # its default Sinkhorn over-relaxation
@@ -219,7 +221,7 @@ def run_cell(n, m, batch, runs_jax, runs_slow, command, out_file, methods, ott_m
                    cost_reported=None if np.isnan(cost).all() else round(float(np.mean(cost)), 4),
                    data="synthetic relu(latent 10-GMM) features", dtype="float32 (POT float64)",
                    note=note, load_avg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__,
-                   command=command, date=DATE, machine=MACHINE)
+                   command=command, code_commit=COMMIT, date=DATE, machine=MACHINE)
         rows.append(row)
         print(f"n={n:5d} m={m:3d} batch={classes:2d} {method:26s} compile {row['compile_s']} s  run {run_s:8.3f} s"
               f"  W2^2 {row['w2_exact']:.3f}  (load {row['load_avg_1m']})", flush=True)
@@ -274,7 +276,7 @@ def run_separated(command, out_file):
                        compile_plus_run_s=round(compile_s, 3), run_s=round(run_s, 4),
                        data="separated Gaussian clusters", dtype="float32 (POT float64)",
                        load_avg_1m=round(os.getloadavg()[0], 2), jax=jax.__version__, command=command,
-                       date=DATE, machine=MACHINE)
+                       code_commit=COMMIT, date=DATE, machine=MACHINE)
             print(f"k={k} d={d:4d} n={n:5d} m={m:3d} sep={sep:4.0f} {row['method']:34s} "
                   f"ours/POT(seeding) {row['ratio_pot_seeding']:.5f}  ours/POT(random) min "
                   f"{row['ratio_pot_random_min']:.5f} median {row['ratio_pot_random_median']:.5f}  "
@@ -299,7 +301,7 @@ def main():
                                                       "bench_barycenter.jsonl"))
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--separated", action="store_true",
-                        help="run only the separated-cluster cases (issue 10), not the cells")
+                        help="run only the separated-cluster cases, not the cells")
     parser.add_argument("--ott-max-classes", type=int, default=10,
                         help="run the OTT rows of a batch cell on at most this many classes")
     args = parser.parse_args()

@@ -111,9 +111,11 @@ def main() -> None:
         child(args.classes, args.ipc, args.size, args.width, args.repeats)
         return
 
+    from wmdd_jax.results import code_commit
     from wmdd_jax import results
 
     command = "python experiments/bench_scaling.py " + " ".join(sys.argv[1:])
+    commit = code_commit()
     for n in args.devices:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": ROOT}
         out = subprocess.run([sys.executable, __file__, "--child", "--classes", *map(str, args.classes),
@@ -123,7 +125,8 @@ def main() -> None:
             sys.exit(out.stderr[-3000:])
         for line in out.stdout.splitlines():
             if line.startswith("{"):
-                row = dict(json.loads(line), command=command, date=datetime.date.today().isoformat(),
+                row = dict(json.loads(line), command=command, code_commit=commit,
+                           date=datetime.date.today().isoformat(),
                            machine=f"{os.cpu_count()}-core CPU, {n} simulated devices sharing it",
                            load_avg_1m=round(os.getloadavg()[0], 2))
                 results.upsert_jsonl(OUT, row, keys=("benchmark", "devices", "classes", "ipc", "image_size"))

@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from wmdd_jax.results import code_commit  # noqa: E402
 from wmdd_jax.models.convnet import ConvNet3  # noqa: E402
 from wmdd_jax.models.layers import BN_STATS, collect_bn_moments, pooled_moments  # noqa: E402
 
@@ -254,6 +255,7 @@ def main(args):
             c.run()
             c.seconds.append(time.perf_counter() - start)
     command = "PYTHONPATH=. .venv/bin/python experiments/bench_train_step.py " + " ".join(sys.argv[1:])
+    commit = code_commit()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a") as f:
         for c in cands:
@@ -263,7 +265,8 @@ def main(args):
                 "images_per_s": round(float(np.median(rates)), 1), "repeats": len(rates),
                 "min_max_images_per_s": [round(min(rates), 1), round(max(rates), 1)],
                 "host_allocator": args.host_allocator,
-                "command": command.strip(), "date": datetime.date.today().isoformat(), "machine": args.machine,
+                "command": command.strip(), "code_commit": commit, "date": datetime.date.today().isoformat(),
+                "machine": args.machine,
             }
             f.write(json.dumps(record) + "\n")
             print(f"{c.benchmark:15s} {c.impl:9s} {c.norm:9s} batch {c.batch:4d}: "

@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
+from wmdd_jax.results import code_commit  # noqa: E402
 from wmdd_jax import checkpoint as ckpt  # noqa: E402
 from wmdd_jax import results  # noqa: E402
 from wmdd_jax.data import load_split  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> None:
         spec.model = "convnet3"
     model = model_from_spec(spec, splits["test"].num_classes, config.conv_impl)
     template = init_variables(model, jax.random.key(0), splits["test"].image_shape)
+    commit = code_commit()
     scores = {}
     for name in args.candidates:
         seeds = student_dirs(os.path.join(args.root, name), args.ipc)
@@ -96,7 +98,7 @@ def main() -> None:
                    command=f"python experiments/cross_split.py --root ROOT --candidates {name} "
                            f"--teacher {os.path.relpath(os.path.abspath(args.teacher), ROOT)} --ipc {args.ipc} "
                            f"--val-per-class {args.val_per_class}",
-                   date=datetime.date.today().isoformat())
+                   code_commit=commit, date=datetime.date.today().isoformat())
         results.upsert_jsonl(args.out, row, keys=("dataset", "candidate", "ipc", "teacher"))
     names = list(scores)
     for other in names[1:]:

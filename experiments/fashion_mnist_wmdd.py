@@ -1,14 +1,23 @@
-"""Issue 4's measurements on Fashion-MNIST: WMDD and its ablations against random real.
+"""WMDD and its ablations against random real on Fashion-MNIST (the test-split rows).
 
-For each IPC and method, runs ``python -m wmdd_jax all`` in its own work directory, reusing a
-finished teacher (``--teacher``; by default the one committed in experiments/teachers/), resumably
-(rerun the same command after an interruption). Rows dated before 2026-11-30 used an earlier run of
-the same pretrain command (92.50% test; not committed). Each finished (method, IPC, label mode) cell
-is written at once to experiments/results/fashion_mnist.jsonl with its stage wall times.
+For each IPC and method, runs ``python -m wmdd_jax all`` in its own work directory
+(``ROOT/<method>_ipc<ipc>``), reusing a finished teacher (``--teacher``; by default the one
+committed in experiments/teachers/), resumably (rerun the same command after an interruption).
+Each finished (method, IPC, label mode) cell is written at once to
+experiments/results/fashion_mnist.jsonl with its stage wall times, its teacher and the commit of
+the code that ran it.
 
     python experiments/fashion_mnist_wmdd.py --root ~/wmdd-runs/fmnist-wmdd \\
-        [--teacher ~/wmdd-runs/fmnist/teacher] [--ipcs 1 10 50] [--methods wmdd no_barycenter] \\
+        [--teacher DIR] [--ipcs 1 10 50] [--methods wmdd no_barycenter] \\
+        [--copy-from ~/wmdd-runs/earlier-root] \\
         [--config.KEY=VALUE ...]  # overrides for every run
+
+``--copy-from`` starts each work directory as a copy of the same (method, IPC) directory under an
+earlier root, so that a new student recipe (``--config.eval.*`` overrides) is measured on the very
+synthetic set of that run; only the students are trained anew. Such rows say so in ``copied_from``.
+A stage timed before this command ran (in a copy, or by an earlier command in the same work
+directory, e.g. another label mode) keeps its first time: the row lists those stages in
+``stages_timed_earlier``.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,6 +58,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wmdd", "no_barycenter"])
     parser.add_argument("--label-modes", default="('soft','hard')")
     parser.add_argument("--seeds", default="(0,1,2)")
+    parser.add_argument("--copy-from", default=None, metavar="EARLIER_ROOT",
+                        help="start each work directory as a copy of EARLIER_ROOT/<method>_ipc<ipc> (same "
+                             "teacher and synthesis settings; only --config.eval.* overrides may differ)")
     args, extra = parser.parse_known_args()
     if any(not a.startswith("--config.") for a in extra):
         parser.error(f"unknown arguments {[a for a in extra if not a.startswith('--config.')]}; "
@@ -68,9 +81,28 @@ def main() -> None:
         if clash:
             parser.error(f"{sorted(clash)} would override what makes {method!r} itself; run it without them")
 
+    commit = results.code_commit()
+    teacher = os.path.relpath(os.path.abspath(args.teacher), ROOT)
+    # A copied work directory holds the source run's synthetic set: the synthesis overrides are its.
+    synthesis = " ".join(a[len("--config."):] for a in extra if not a.startswith("--config.eval."))
     for ipc in args.ipcs:
         for method in args.methods:
             workdir = os.path.join(args.root, f"{method}_ipc{ipc}")
+            copied_from = None
+            if args.copy_from is not None:
+                source = os.path.join(args.copy_from, f"{method}_ipc{ipc}")
+                if not os.path.isdir(os.path.join(source, "synthetic")):
+                    sys.exit(f"--copy-from: {source} holds no finished synthetic set; run it first or drop "
+                             "--copy-from")
+                if not os.path.exists(workdir):
+                    shutil.copytree(source, workdir + ".copying", ignore=shutil.ignore_patterns(".lock"))
+                    os.replace(workdir + ".copying", workdir)
+                copied_from = {"method": method, "ipc": ipc, "synthesis_overrides": synthesis}
+            timings_path = os.path.join(workdir, "timings.json")
+            timed_before = set()
+            if os.path.exists(timings_path):
+                with open(timings_path) as f:
+                    timed_before = set(json.load(f))
             overrides = [f"--config.teacher.checkpoint={args.teacher}", f"--config.ipc={ipc}",
                          f"--config.synthesis.method={method}", f"--config.eval.label_modes={args.label_modes}",
                          f"--config.eval.seeds={args.seeds}", *METHODS[method], *extra]
@@ -81,7 +113,7 @@ def main() -> None:
             shown = " ".join(["python -m wmdd_jax all --config=configs/fashion_mnist.py --workdir=WORKDIR",
                               *[f'"{o}"' if "(" in o else o
                                 for o in (v.replace(ROOT + os.sep, "") for v in overrides)]])
-            with open(os.path.join(workdir, "timings.json")) as f:
+            with open(timings_path) as f:
                 timings = json.load(f)
             summary = results.read_jsonl(os.path.join(workdir, "eval", "summary.jsonl"))
             for mode in modes:  # only the modes this command ran: `shown` is their command
@@ -90,7 +122,14 @@ def main() -> None:
                     row = dict(rows[-1], command=shown, stage_seconds=timings, machine="2-core CPU")
                     if extra:  # a recipe other than the config's: its own row, named by its overrides
                         row["variant"] = " ".join(a[len("--config."):] for a in extra)
-                    row["teacher"] = os.path.relpath(os.path.abspath(args.teacher), ROOT)  # synthesis, soft labels
+                    row["teacher"] = teacher  # synthesis targets, soft labels
+                    # The pipeline keeps a stage's first time: name the stages this command did not time.
+                    earlier = [stage for stage in timings if stage in timed_before]
+                    if earlier:
+                        row["stages_timed_earlier"] = earlier
+                    if copied_from is not None:
+                        row["copied_from"] = copied_from
+                    row["code_commit"] = commit
                     results.upsert_jsonl(OUT, row, keys=(*results.KEY_FIELDS, "variant", "teacher"))
                     print(f"{method} ipc={ipc} {mode}: {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)",
                           flush=True)

@@ -1,20 +1,37 @@
-"""Regenerates README.md's results tables from experiments/results/*.jsonl (never typed by hand).
+"""Regenerates the results tables of README.md and docs/results.md from experiments/results/*.jsonl.
 
-    python experiments/make_tables.py
+    python experiments/make_tables.py          # rewrite the tables in place
+    python experiments/make_tables.py --check  # exit 1 if a file's tables differ from the rows
+
+Each table sits between ``<!-- table:NAME:begin -->`` and ``<!-- table:NAME:end -->`` in a file;
+only those blocks are generated, the prose around them is written by hand. The tables are never
+typed by hand: tests/test_make_tables.py fails when a committed file differs from what this
+script makes of the committed rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import re
+import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
+FILES = ("README.md", os.path.join("docs", "results.md"))
+BLOCK = re.compile(r"(<!-- table:([a-z_]+):begin -->\n).*?(<!-- table:\2:end -->)", re.S)
 MARKS = "†‡§¶"
+# The experiment drivers' default teacher: README's short table shows the rows made with it.
+HEADLINE_TEACHER = "experiments/teachers/fashion_mnist_convnet3_bn"
+FASHION_MNIST_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Boot")
+
+
+def _pm(r: dict) -> str:
+    return f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
 
 
 def teacher_marks(rows: list[dict]) -> dict[str, str]:
@@ -24,23 +41,25 @@ def teacher_marks(rows: list[dict]) -> dict[str, str]:
 
 
 def accuracy_table(rows: list[dict]) -> str:
+    """Every test-accuracy row: teachers first, then by method, model, labels and IPC."""
     rows = [r for r in rows if r.get("metric") == "test_accuracy"]
+    if not rows:
+        return ""
     marks = teacher_marks(rows)
-    rows.sort(key=lambda r: (r["dataset"], r["method"] != "teacher", r["method"], r["model"],
-                             r.get("label_mode") or "", r.get("ipc") or 0))
+    rows = sorted(rows, key=lambda r: (r["dataset"], r["method"] != "teacher", r["method"], r["model"],
+                                       r.get("label_mode") or "", r.get("ipc") or 0, r.get("teacher") or "",
+                                       r.get("variant") or ""))
     lines = ["| dataset | method | model | labels | IPC | test accuracy % | seeds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ipc = "full" if r.get("ipc") is None else r["ipc"]
-        acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
-        method = r["method"] + (" (committed)" if r.get("checkpoint") else "")
-        method += f" {marks[r['teacher']]}" if r.get("teacher") else ""
+        method = r["method"] + (f" {marks[r['teacher']]}" if r.get("teacher") else "")
         method += f" [`{r['variant']}`]" if r.get("variant") else ""
         lines.append(f"| {r['dataset']} | {method} | {r['model']} | {r.get('label_mode') or ''} | {ipc} | "
-                     f"{acc} | {r['n_seeds']} |")
+                     f"{_pm(r)} | {r['n_seeds']} |")
     if marks:
-        lines += ["", "; ".join(f"{m} made with the teacher `{t}`" for t, m in marks.items()) + " (its synthesis "
-                  "targets and soft labels); the other rows that need a teacher used an earlier run of the same "
-                  "pretrain command (92.50%, not kept). `[key=value]`: a recipe other than the config's."]
+        lines += ["", "; ".join(f"{m}: the teacher `{t}`" for t, m in marks.items()) + " (a teacher row is that "
+                  "teacher; any other row used its synthesis targets and soft labels). Unmarked rows need no "
+                  "teacher (random real images, hard labels). `[key=value]`: a recipe other than the config's."]
     return "\n".join(lines)
 
 
@@ -85,12 +104,79 @@ def criterion_table(rows: list[dict]) -> str:
         sel, sel_gap = versus(r, same(r, "barycenter_real", students))
         if not rr and not nb and not sel:
             continue
-        teacher = marks.get(r.get("teacher"), "earlier run")
+        teacher = marks.get(r.get("teacher"), "")
         variant = f" [`{r['variant']}`]" if r.get("variant") else ""
         lines.append(f"| {r['dataset']} | {r.get('label_mode') or ''} | {r['ipc']} | {teacher} | "
                      f"{r['mean']:.2f} ± {r['std']:.2f} ({r['n_seeds']}){variant} | {rr} | {rr_gap} | {nb} | {nb_gap} "
                      f"| {sel} | {sel_gap} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def headline_table(rows: list[dict], teacher: str = HEADLINE_TEACHER) -> str:
+    """README's short table: soft labels, one teacher, the config's students; methods by IPC."""
+    rows = [r for r in rows if r.get("metric") == "test_accuracy" and r.get("teacher") == teacher]
+    cells = [r for r in rows if r.get("label_mode") == "soft" and r.get("ipc") is not None
+             and not any(o.startswith("eval.") for o in (r.get("variant") or "").split())]
+    if not cells:
+        return ""
+    ipcs = sorted({r["ipc"] for r in cells})
+    variants = sorted({r["variant"] for r in cells if r.get("variant")})
+    names = {"wmdd": "WMDD", "random_real": "random real", "no_barycenter": "no barycenter (SRe2L-style)",
+             "barycenter_real": "nearest real images, not optimised"}
+    lines = ["| ConvNet-3 students, soft labels | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+             "|---|" + "---|" * len(ipcs)]
+    for method, name in names.items():
+        by_ipc = {r["ipc"]: r for r in cells if r["method"] == method}
+        if not by_ipc:
+            continue
+        out = []
+        for ipc in ipcs:
+            r = by_ipc.get(ipc)
+            note = f" ({variants.index(r['variant']) + 1})" if r is not None and r.get("variant") else ""
+            out.append("" if r is None else f"{_pm(r)}{note}")
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    notes = [f"({i + 1}) `{v}`" for i, v in enumerate(variants)]
+    teachers = [r for r in rows if r["method"] == "teacher"]
+    if teachers:
+        notes.append(f"teacher `{teacher}`: {_pm(teachers[-1])}% test accuracy")
+    return "\n".join(lines + ([""] + ["; ".join(notes) + "."] if notes else []))
+
+
+def cross_split_table(rows: list[dict]) -> str:
+    """The same students scored on the held-out validation images and on the test images
+    (experiments/cross_split.py): each candidate, then WMDD minus random real, paired by seed."""
+    if not rows:
+        return ""
+    lines = ["| dataset | IPC | teacher | students | seeds | validation % | test % |", "|---|---|---|---|---|---|---|"]
+    per_class = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["ipc"], r["teacher"]), []).append(r)
+    for (dataset, ipc, teacher), group in sorted(groups.items()):
+        group = sorted(group, key=lambda r: r["method"] != "wmdd")
+        head = f"| {dataset} | {ipc} | `{os.path.basename(teacher)}` |"
+        for r in group:
+            stats = [f"{np.mean(r[s]):.2f} ± {np.std(r[s]):.2f}" for s in ("validation", "test")]
+            lines.append(f"{head} {r['method']} (`{r['candidate']}`) | {', '.join(map(str, r['seeds']))} "
+                         f"| {stats[0]} | {stats[1]} |")
+        wmdd = [r for r in group if r["method"] == "wmdd"]
+        real = [r for r in group if r["method"] == "random_real"]
+        if wmdd and real and wmdd[0]["seeds"] == real[0]["seeds"]:
+            a, b = wmdd[0], real[0]
+            diffs = {s: np.subtract(a[s], b[s]) for s in ("validation", "test")}
+            shown = [f"{d.mean():+.2f} ({', '.join(f'{x:+.2f}' for x in d)})" for d in diffs.values()]
+            lines.append(f"{head} WMDD − random real, per seed | {', '.join(map(str, a['seeds']))} "
+                         f"| {shown[0]} | {shown[1]} |")
+            classes = [np.subtract(np.mean(a[f"{s}_per_class"], 0), np.mean(b[f"{s}_per_class"], 0))
+                       for s in ("validation", "test")]
+            names = FASHION_MNIST_CLASSES if dataset == "fashion_mnist" else range(len(classes[0]))
+            per_class.append((f"{dataset}, IPC {ipc}, `{os.path.basename(teacher)}`", names, classes))
+    for title, names, (val, test) in per_class:
+        lines += ["", f"| WMDD − random real per class, mean of seeds ({title}) | "
+                  + " | ".join(map(str, names)) + " |", "|---|" + "---|" * len(names),
+                  "| validation | " + " | ".join(f"{x:+.1f}" for x in val) + " |",
+                  "| test | " + " | ".join(f"{x:+.1f}" for x in test) + " |"]
+    return "\n".join(lines)
 
 
 def throughput_table(rows: list[dict]) -> str:
@@ -128,35 +214,74 @@ def tuning_table(rows: list[dict]) -> str:
              "| overrides for every candidate | seed 0 % | validation accuracy % | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        acc = f"{r['mean']:.2f}" if r["n_seeds"] == 1 else f"{r['mean']:.2f} ± {r['std']:.2f}"
         common = " ".join(a for a in r["command"].split() if a.startswith("--config."))
         reference = r["method"] == "random_real"
         name = f"`{r['candidate']}`" + (" (the reference: random real images)" if reference else "")
         teacher = os.path.basename(r.get("teacher", ""))
         lines.append(f"| {r['dataset']} | {r['ipc']} | `{teacher}` | {name} | `{common}` "
-                     f"| {r['values'][0]:.2f} | {acc} | {r['n_seeds']} |")
+                     f"| {r['values'][0]:.2f} | {_pm(r)} | {r['n_seeds']} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    acc, speed, scaling, tuning = [], [], [], []
-    for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "results", "*.jsonl"))):
+def load_rows(root: str = ROOT) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "experiments", "results", "*.jsonl"))):
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        acc += [r for r in rows if r.get("metric") == "test_accuracy"]
-        speed += [r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]
-        scaling += [r for r in rows if r.get("benchmark") == "synthesis_scaling"]
-        tuning += [r for r in rows if r.get("metric") == "validation_accuracy"]
-    tables = (accuracy_table(acc), criterion_table(acc), tuning_table(tuning), throughput_table(speed),
-              scaling_table(scaling))
-    body = "\n\n".join(t for t in tables if t)
-    readme = os.path.join(ROOT, "README.md")
-    with open(readme) as f:
-        text = f.read()
-    block = f"{BEGIN}\n{body}\n{END}"
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    with open(readme, "w") as f:
-        f.write(text)
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def tables(rows: list[dict]) -> dict[str, str]:
+    """Table name -> its markdown (an empty string when no row feeds it)."""
+    acc = [r for r in rows if r.get("metric") == "test_accuracy"]
+    return {
+        "headline": headline_table(acc),
+        "accuracy": accuracy_table(acc),
+        "criterion": criterion_table(acc),
+        "tuning": tuning_table([r for r in rows if r.get("metric") == "validation_accuracy"]),
+        "cross_split": cross_split_table([r for r in rows if r.get("metric") == "cross_split"]),
+        "throughput": throughput_table([r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]),
+        "scaling": scaling_table([r for r in rows if r.get("benchmark") == "synthesis_scaling"]),
+    }
+
+
+def fill(text: str, made: dict[str, str]) -> str:
+    """``text`` with every table block replaced by its generated table; an unknown name is an error."""
+    def block(match):
+        if match.group(2) not in made:
+            raise KeyError(f"no table named {match.group(2)!r}; make_tables knows {sorted(made)}")
+        body = made[match.group(2)]
+        return f"{match.group(1)}{body}\n{match.group(3)}" if body else f"{match.group(1)}{match.group(3)}"
+    return BLOCK.sub(block, text)
+
+
+def render(root: str = ROOT) -> dict[str, tuple[str, str]]:
+    """Relative path -> (its text now, its text with regenerated tables), for README.md and docs/results.md."""
+    made = tables(load_rows(root))
+    out = {}
+    for name in FILES:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            text = f.read()
+        out[name] = (text, fill(text, made))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    args = parser.parse_args()
+    stale = []
+    for name, (old, new) in render().items():
+        if old == new:
+            continue
+        stale.append(name)
+        if not args.check:
+            with open(os.path.join(ROOT, name), "w", encoding="utf-8") as f:
+                f.write(new)
+    if args.check and stale:
+        sys.exit(f"{', '.join(stale)}: tables differ from experiments/results/*.jsonl; "
+                 "run python experiments/make_tables.py")
+    print(f"{'stale' if args.check else 'rewrote'}: {', '.join(stale)}" if stale else "tables up to date")
 
 
 if __name__ == "__main__":

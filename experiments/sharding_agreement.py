@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from experiments.fashion_mnist_wmdd import code_commit  # noqa: E402
 from tests.test_sharding import ITERATIONS, prepare, run_two_processes  # noqa: E402
 from wmdd_jax.results import command_line  # noqa: E402
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU ({platform.machine()})")
     args = parser.parse_args()
+    commit = code_commit()
     for repeat in range(args.repeats):
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="wmdd-sharding-") as tmp:
@@ -54,6 +56,7 @@ def main() -> None:
                                "two_processes_vs_one": gap(joined, images["one"]),
                                "two_processes_vs_eight": gap(joined, images["eight"])},
                "seconds": round(time.time() - t0, 1), "machine": args.machine, "command": command_line(),
+               "code_commit": commit,
                "date": datetime.date.today().isoformat()}
         print(json.dumps(row), flush=True)
         with open(OUT, "a") as f:

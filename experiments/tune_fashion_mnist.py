@@ -1,5 +1,6 @@
-"""The Fashion-MNIST synthesis search of DESIGN.md (Stage 4): lr, r_bn, r_wb, crop scale and the number
-of iterations, chosen on a validation split held out of the training set, never on the test split.
+"""The Fashion-MNIST synthesis search: lr, r_bn, r_wb, crop scale, the number of iterations and the
+barycenter weights, chosen on a validation split held out of the training set, never on the test split
+(no published setting exists for this dataset; docs/method.md).
 
 One factor at a time around ``configs/fashion_mnist.py``: every candidate is the base recipe with
 one value changed, distilled at ``--ipc`` (default 10) and scored by students with teacher soft labels
@@ -33,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments.fashion_mnist_wmdd import code_commit  # noqa: E402
 from wmdd_jax import results  # noqa: E402
 
 # The committed teacher: `python -m wmdd_jax pretrain --config=configs/fashion_mnist.py`, 92.67% test.
@@ -44,7 +46,7 @@ SEARCH = {  # config key -> values tried (the base value is configs/fashion_mnis
     "synthesis.r_wb": [0.1, 10.0],
     "synthesis.crop_scale": ["(0.08,1.0)", "(0.8,1.0)"],
     "synthesis.iterations": [0, 100, 250, 500, 1000],  # 0: the selected real images, unoptimised
-    "barycenter.learn_weights": [True],  # DESIGN: the weighting that evaluates better is the default
+    "barycenter.learn_weights": [True],  # the weighting that evaluates better is the default
 }
 
 
@@ -74,6 +76,8 @@ def main() -> None:
     common = [f"--config.teacher.checkpoint={args.teacher}", f"--config.ipc={args.ipc}",
               f"--config.data.validation_per_class={args.val_per_class}", "--config.eval.split=validation",
               "--config.eval.label_modes=('soft',)", f"--config.eval.seeds={args.seeds}", *extra]
+    commit = code_commit()
+    teacher = os.path.relpath(os.path.abspath(args.teacher), ROOT)
     shared = os.path.join(args.root, "shared")
     run = [sys.executable, "-m", "wmdd_jax"]
     for stage in ("statistics", "barycenter"):
@@ -101,12 +105,12 @@ def main() -> None:
         else:
             with open(os.path.join(workdir, "timings.json")) as f:
                 timings = json.load(f)
-        shown = " ".join(["python experiments/tune_fashion_mnist.py --root ROOT --teacher TEACHER",
+        shown = " ".join([f"python experiments/tune_fashion_mnist.py --root ROOT --teacher {teacher}",
                           f"--ipc {args.ipc} --val-per-class {args.val_per_class} --only '{name}'",
                           *([f"--seeds '{args.seeds}'"] if args.seeds != "(0,)" else []), *extra])
         row = dict(summary[-1], metric="validation_accuracy", candidate=name, overrides=overrides,
                    validation_per_class=args.val_per_class, command=shown, stage_seconds=timings,
-                   machine="2-core CPU", teacher=os.path.relpath(os.path.abspath(args.teacher), ROOT))
+                   machine="2-core CPU", teacher=teacher, code_commit=commit)
         results.upsert_jsonl(args.out, row, keys=(*results.KEY_FIELDS, "candidate", "teacher"))
         print(f"{name}: validation {row['mean']} ± {row['std']} ({row['n_seeds']} seeds)", flush=True)
 

@@ -1,4 +1,4 @@
-"""experiments/make_tables.py: the README's tables come from the JSON lines, sorted and labelled."""
+"""experiments/make_tables.py: the tables of README.md and docs/results.md come from the JSON lines."""
 
 import importlib.util
 import os
@@ -63,3 +63,40 @@ def test_criterion_table_pairs_rows_of_one_teacher_and_recipe():
     assert hard.endswith("|  |  |  |  |")
     assert "| 79.00 ± 0.10 (1) | +1.00 (yes) |  |  |  |  |" in cutmix
     assert _make_tables().criterion_table([_test_row("wmdd", [1.0], 0.0)]) == ""
+
+
+def test_committed_tables_are_what_the_committed_rows_make():
+    """README.md and docs/results.md hold exactly the tables of experiments/results/*.jsonl: a row
+    edited, added or removed without `python experiments/make_tables.py` fails here."""
+    for name, (committed, generated) in _make_tables().render().items():
+        assert committed == generated, f"{name} is stale: run python experiments/make_tables.py"
+
+
+def test_fill_replaces_only_named_blocks_and_check_reports_stale_files(tmp_path):
+    module = _make_tables()
+    text = ("prose\n<!-- table:tuning:begin -->\nold\n<!-- table:tuning:end -->\nmore prose\n"
+            "<!-- table:scaling:begin -->\n<!-- table:scaling:end -->\n")
+    filled = module.fill(text, {"tuning": "| a |", "scaling": ""})
+    assert filled == ("prose\n<!-- table:tuning:begin -->\n| a |\n<!-- table:tuning:end -->\nmore prose\n"
+                      "<!-- table:scaling:begin -->\n<!-- table:scaling:end -->\n")
+    assert module.fill(filled, {"tuning": "| a |", "scaling": ""}) == filled  # a second run changes nothing
+    try:
+        module.fill(text, {"tuning": ""})
+    except KeyError as e:
+        assert "scaling" in str(e)
+    else:
+        raise AssertionError("an unknown table name must fail")
+
+
+def test_headline_shows_one_teacher_soft_labels_and_the_configs_students():
+    rows = [_test_row("wmdd", [80.0], 0.0, ipc=10), _test_row("random_real", [79.0], 0.0, ipc=10),
+            _test_row("wmdd", [88.0], 0.0, variant="synthesis.iterations=500"),
+            _test_row("wmdd", [70.0], 0.0, variant="eval.soft.augment.cutmix=1.0"),  # other students: left out
+            _test_row("wmdd", [60.0], 0.0, label_mode="hard"),  # hard labels: left out
+            _test_row("wmdd", [99.0], 0.0, ipc=1, teacher="experiments/teachers/b"),  # another teacher
+            dict(_test_row("teacher", [92.0], 0.0), ipc=None, label_mode="hard")]
+    lines = _make_tables().headline_table(rows, teacher="experiments/teachers/a").splitlines()
+    assert lines[0] == "| ConvNet-3 students, soft labels | IPC 10 | IPC 50 |"
+    assert lines[2] == "| WMDD | 80.00 | 88.00 (1) |"
+    assert lines[3] == "| random real | 79.00 |  |"
+    assert lines[-1] == "(1) `synthesis.iterations=500`; teacher `experiments/teachers/a`: 92.00% test accuracy."

@@ -1,14 +1,18 @@
-"""Results as JSON lines in the format of DESIGN.md "Results format"."""
+"""Results as JSON lines: one row per measured result (its fields: docs/results.md, "What a row holds")."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import shlex
+import subprocess
 import sys
 
 import numpy as np
 
 from wmdd_jax import files
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def command_line() -> str:
@@ -31,6 +35,20 @@ def summary_row(*, dataset: str, method: str, model: str, ipc: int | None, label
     row.setdefault("command", command_line())
     row.setdefault("date", datetime.date.today().isoformat())
     return row
+
+
+def code_commit() -> str:
+    """The commit of the code that runs (``git rev-parse HEAD``), with " + local changes" when tracked
+    files other than the results differ from it; "unknown" outside a git checkout."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
+    return head + (" + local changes" if changed else "")
 
 
 # Re-exported: the experiments read and append results through this module.

@@ -1,6 +1,6 @@
 r"""Free-support Wasserstein barycenters of point clouds, on OTT-JAX.
 
-WMDD's Stage 3 (``DESIGN.md``, "The method"): for one class with feature cloud
+WMDD's barycenter stage (docs/method.md, "Barycenter"): for one class with feature cloud
 :math:`\nu = \sum_i a_i \delta_{x_i}` (``points [n, d]``, ``point_weights [n]``), find ``m`` support
 points :math:`b_1 \dots b_m` and weights :math:`w \in \Delta_m` minimising
 

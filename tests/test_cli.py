@@ -1,6 +1,5 @@
 """The command line: one-line errors for bad input, and pretrain -> evaluate on the test subset."""
 
-import json
 import os
 import subprocess
 import sys
@@ -36,14 +35,9 @@ FM = "--config=configs/fashion_mnist.py"
       "--config.eval.source=random_real", "--config.ipc=500"], "fewer than ipc=500"),
     (["evaluate", "--config=configs/fashion_mnist.py", f"--config.data.data_dir={FMNIST_SUBSET}",
       "--config.eval.source=random_real", "--config.eval.label_modes=('soft',)"], "no finished teacher"),
-    (["pretrain", FM, "--config.ipc=0"], "--config.ipc=0 is not valid: it takes a whole number >= 1"),
-    (["evaluate", FM, "--config.ipc=-3"], "--config.ipc=-3 is not valid"),
-    # A typo is named with its key before anything runs (not after an hour of teacher training).
+    # A typo is named with its key before anything runs (not after an hour of teacher training); every
+    # check of wmdd_jax/config_check.py is tested directly in tests/test_configs.py.
     (["all", FM, "--config.teacher.optimizer=sdg"], "--config.teacher.optimizer='sdg' is not valid: use one of sgd"),
-    (["all", FM, "--config.eval.soft.schedule=cosin"], "--config.eval.soft.schedule='cosin' is not valid"),
-    (["all", FM, "--config.teacher.model=resnet81"], "--config.teacher.model='resnet81' is not valid"),
-    (["all", FM, "--config.eval.models=('convnet3','convnet5')"], "'convnet5' is not a model"),
-    (["evaluate", FM, "--config.eval.seeds=(0,0,0)"], "--config.eval.seeds=(0, 0, 0) is not valid: give distinct"),
     (["pretrain", FM, "--config.ipcs=3"], 'unknown config key \'ipcs\' in a --config.* override: it must name a '
      'field of the config file (see configs/default.py). Did you mean "ipc" instead of "ipcs"?'),
     (["pretrain", FM + ":qick"], "unknown variant 'qick' of configs/fashion_mnist.py; use '' or 'quick'"),
@@ -72,13 +66,3 @@ def test_config_files_load_from_any_working_directory(tmp_path):
     out = cli("pretrain", f"--config={ROOT}/configs/fashion_mnist.py", "--config.ipc=0", workdir=str(tmp_path),
               cwd=str(tmp_path))
     assert out.returncode == 2 and "--config.ipc=0 is not valid" in out.stderr, out.stderr
-
-
-def test_a_teacher_at_chance_is_flagged(tmp_path):
-    """A learning rate that blows the weights up without a NaN (2 steps at lr 1e6: loss 5e9) leaves a
-    finite teacher at chance: the run says so instead of handing it on silently."""
-    out = cli("pretrain", FM, f"--config.data.data_dir={FMNIST_SUBSET}", f"--config.conv_impl={CONV_IMPL}",
-              "--config.teacher.width=8", "--config.teacher.epochs=1", "--config.teacher.lr=1e6",
-              workdir=str(tmp_path))
-    assert out.returncode == 0, out.stderr
-    assert "close to chance (10%), so the teacher learned nothing" in out.stderr, out.stderr

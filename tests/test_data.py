@@ -91,25 +91,59 @@ def test_random_subset_per_class(fmnist_dir):
         random_subset(train, 41, seed=0)
 
 
+def _crops_matching(out, image, pad):
+    """NumPy reference of a shift by up to ``pad`` px: the offsets (dy, dx) in [0, 2 pad]^2 at which
+    ``image``, zero-padded by ``pad`` on every side, cropped back to its size, equals ``out``."""
+    h, w = image.shape[:2]
+    padded = np.zeros((h + 2 * pad, w + 2 * pad, image.shape[2]), image.dtype)
+    padded[pad:pad + h, pad:pad + w] = image
+    return [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+            if np.array_equal(padded[dy:dy + h, dx:dx + w], out)]
+
+
+def _distinct_images(n, h, w, c):
+    """Positive pixels, all different: every crop offset (and mirror image) gives another array."""
+    return (1.0 + np.random.default_rng(0).permutation(n * h * w * c)).reshape(n, h, w, c).astype(np.float32)
+
+
+def test_random_shift_is_a_zero_padded_crop_at_every_offset():
+    """Each image is its zero-padded copy cropped at one offset in [0, 2 pad]^2 (NumPy reference),
+    drawn per image and uniformly: over 1000 images each of the 25 offsets of pad = 2 occurs 15 to 70
+    times (40 expected; outside that range has odds under 1e-4 per offset). A lost or an extra (clamped
+    to the edge) row or column of offsets fails."""
+    pad, x = 2, _distinct_images(1000, 6, 5, 2)
+    out = np.asarray(jax.jit(lambda r, x: augment.random_shift(r, x, pad))(jax.random.key(4), x))
+    assert out.shape == x.shape
+    offsets = []
+    for o, image in zip(out, x):
+        (offset,) = _crops_matching(o, image, pad)  # exactly one offset gives this crop
+        offsets.append(offset)
+    counts = np.zeros((2 * pad + 1, 2 * pad + 1), int)
+    np.add.at(counts, tuple(np.array(offsets).T), 1)
+    assert 15 <= counts.min() and counts.max() <= 70, counts
+
+
 def test_augmentations_under_jit():
-    x = jax.random.uniform(jax.random.key(0), (4, 12, 12, 3))
-    f = jax.jit(lambda r, x: augment.augment_batch(r, x, flip=True, crop_scale=(0.3, 1.0), shift=2))
-    y = f(jax.random.key(1), x)
-    assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
-    # A full-image crop box is the identity; a flip is a mirror image.
-    np.testing.assert_allclose(augment.random_resized_crop(jax.random.key(2), x, (1.0, 1.0), (1.0, 1.0)), x,
-                               atol=1e-5)
-    flipped = augment.random_flip(jax.random.key(3), x)
-    for a, b in zip(np.asarray(flipped), np.asarray(x)):
-        assert np.allclose(a, b) or np.allclose(a, b[:, ::-1])
-    shifted = augment.random_shift(jax.random.key(4), x, 2)
-    assert shifted.shape == x.shape
+    """Shift then flip, as one config asks: each image is a zero-padded crop, mirrored or not, and
+    both outcomes occur; a full-image crop box is the identity."""
+    x = _distinct_images(16, 6, 6, 1)
+    y = np.asarray(jax.jit(lambda r, x: augment.augment_batch(r, x, flip=True, shift=1))(jax.random.key(1), x))
+    mirrored = []
+    for o, image in zip(y, x):
+        as_is, flipped = _crops_matching(o, image, 1), _crops_matching(o[:, ::-1], image, 1)
+        assert len(as_is) + len(flipped) == 1  # one crop, mirrored or not
+        mirrored.append(bool(flipped))
+    assert 0 < sum(mirrored) < len(mirrored), mirrored
+    full_box = jax.jit(lambda r, x: augment.random_resized_crop(r, x, (1.0, 1.0), (1.0, 1.0)))  # one compile
+    np.testing.assert_allclose(full_box(jax.random.key(2), x), x, rtol=1e-5)
 
 
 def test_cutmix_pastes_one_box_from_a_permuted_batch():
     n = 8
     x = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None, None], (n, 16, 16, 1))
-    mixed = np.asarray(jax.jit(lambda r: augment.augment_batch(r, x, cutmix_prob=1.0))(jax.random.key(5)))
+    # One program for both calls: op by op, the Beta draw alone compiles for seconds.
+    both = jax.jit(lambda r: (augment.augment_batch(r, x, cutmix_prob=1.0), augment.cutmix(r, x, prob=0.0)))
+    mixed, unmixed = (np.asarray(v) for v in both(jax.random.key(5)))
     # Every pixel of image i is i or its partner's value j, one j per image, and each j is used once.
     partners = []
     for i in range(n):
@@ -123,4 +157,4 @@ def test_cutmix_pastes_one_box_from_a_permuted_batch():
     rows, cols = np.nonzero(boxes[0])
     assert boxes[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
     # Probability 0 (or a batch that draws no CutMix) leaves the images alone.
-    np.testing.assert_array_equal(augment.cutmix(jax.random.key(5), x, prob=0.0), x)
+    np.testing.assert_array_equal(unmixed, x)

@@ -12,6 +12,11 @@ from wmdd_jax.models import layers
 RTOL = 1e-4  # relative to the largest magnitude of the reference
 
 
+def normal(seed, shape, scale=1.0, shift=0.0):
+    """float32 Gaussian test data from NumPy: a jax.random draw of a new shape compiles (seconds on CPU)."""
+    return (scale * np.random.default_rng(seed).normal(size=shape) + shift).astype(np.float32)
+
+
 def assert_close(actual, expected, rtol=RTOL):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
@@ -28,19 +33,21 @@ def value_and_grads(f, x, kernel):
     """Output and the gradients of <output, fixed random cotangent> w.r.t. x and kernel.
 
     Jitted: one compile, where op-by-op execution compiles every primitive of the backward alone.
+    The cotangent comes from NumPy: drawn inside, its random bits would take most of the compile.
     """
+    g = normal(7, jax.eval_shape(f, x, kernel).shape)
+
     @jax.jit
-    def run(x, kernel):
+    def run(x, kernel, g):
         y, vjp = jax.vjp(f, x, kernel)
-        g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
         return (y,) + vjp(g)
 
-    return run(x, kernel)
+    return run(x, kernel, g)
 
 
 CONV_CASES = [
-    # (input shape, kernel size, stride, padding)
-    ((2, 8, 8, 3), 3, 1, 1),
+    # (input shape, kernel size, stride, padding): strides 1 and 2, padding 0 to 3, odd and non-square
+    # maps, 1x1 (one slice) to 7x7 kernels. The common 3x3 stride-1 padding-1 case is the module test's.
     ((2, 9, 7, 4), 3, 2, 1),
     ((1, 10, 10, 2), 5, 1, 2),
     ((2, 7, 7, 3), 1, 1, 0),
@@ -51,9 +58,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
 def test_im2col_conv_matches_lax_conv(shape, k, stride, padding):
-    kx, kk = jax.random.split(jax.random.PRNGKey(0))
-    x = jax.random.normal(kx, shape)
-    kernel = jax.random.normal(kk, (k, k, shape[-1], 6))
+    x, kernel = normal(0, shape), normal(1, (k, k, shape[-1], 6))
     got = value_and_grads(lambda a, b: layers.im2col_conv(a, b, stride, padding), x, kernel)
     want = value_and_grads(lambda a, b: lax_conv(a, b, stride, padding), x, kernel)
     for a, b in zip(got, want):
@@ -68,9 +73,7 @@ def test_im2col_conv_matches_lax_conv(shape, k, stride, padding):
     ((1, 1, 1, 8), 1),
 ])
 def test_winograd_conv_matches_lax_conv(shape, padding):
-    kx, kk = jax.random.split(jax.random.PRNGKey(1))
-    x = jax.random.normal(kx, shape) + 0.5
-    kernel = jax.random.normal(kk, (3, 3, shape[-1], 5))
+    x, kernel = normal(2, shape, shift=0.5), normal(3, (3, 3, shape[-1], 5))
     got = value_and_grads(lambda a, b: layers.winograd_conv(a, b, padding), x, kernel)
     want = value_and_grads(lambda a, b: lax_conv(a, b, 1, padding), x, kernel)
     for a, b in zip(got, want):
@@ -79,8 +82,7 @@ def test_winograd_conv_matches_lax_conv(shape, padding):
 
 def test_winograd_conv_second_order():
     """Gradients of gradients (the backward is itself differentiable) agree with lax.conv."""
-    x = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 6, 8))
-    kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 8, 4))
+    x, kernel = normal(4, (1, 6, 6, 8)), normal(5, (3, 3, 8, 4))
 
     def grad_norm(conv):
         return jax.grad(lambda k: jnp.sum(jnp.square(jax.grad(lambda a: jnp.sum(jnp.sin(conv(a, k))))(x))))
@@ -92,19 +94,29 @@ def test_winograd_conv_second_order():
 @pytest.mark.parametrize("impl", ["winograd", "im2col"])
 @pytest.mark.parametrize("k,stride,padding,cin", [(3, 1, 1, 16), (3, 1, 1, 1), (3, 2, 1, 8)])
 def test_conv_module_implementations_share_parameters(impl, k, stride, padding, cin):
-    x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 8, cin))
+    x = normal(6, (2, 8, 8, cin))
     ref = layers.Conv(6, k, stride, padding, conv_impl="lax")
-    variables = ref.init(jax.random.PRNGKey(5), x)
-    variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)  # non-zero bias
+    shapes = jax.eval_shape(ref.init, jax.random.PRNGKey(5), x)  # the layout, without compiling an init
+    variables = jax.tree_util.tree_map(lambda v: normal(7, v.shape, shift=0.1), shapes)  # non-zero bias
     assert variables["params"]["kernel"].shape == (k, k, cin, 6)
     conv = layers.Conv(6, k, stride, padding, conv_impl=impl)
     assert_close(jax.jit(conv.apply)(variables, x), jax.jit(ref.apply)(variables, x))
 
 
-def test_resolve_conv_impl():
-    assert layers.resolve_conv_impl("auto") == ("winograd" if jax.default_backend() == "cpu" else "lax")
-    with pytest.raises(ValueError, match="conv_impl"):
-        layers.resolve_conv_impl("fft")
+def test_auto_conv_matches_lax_and_avoids_xla_conv_on_cpu():
+    """``conv_impl="auto"`` computes lax.conv's output; on CPU (the reason it exists) its program holds
+    none of XLA's convolutions, elsewhere it is lax.conv. An unknown name is refused, naming the option."""
+    x = normal(6, (2, 8, 8, 16))
+    ref = layers.Conv(6, 3, 1, 1, conv_impl="lax")
+    shapes = jax.eval_shape(ref.init, jax.random.PRNGKey(5), x)
+    variables = jax.tree_util.tree_map(lambda v: normal(7, v.shape, shift=0.1), shapes)
+    auto = layers.Conv(6, 3, 1, 1, conv_impl="auto")
+    assert_close(jax.jit(auto.apply)(variables, x), jax.jit(ref.apply)(variables, x))
+    program = str(jax.make_jaxpr(auto.apply)(variables, x))
+    assert ("conv_general_dilated" in program) == (jax.default_backend() != "cpu"), program
+    assert "conv_general_dilated" in str(jax.make_jaxpr(ref.apply)(variables, x))  # the probe sees one
+    with pytest.raises(ValueError, match="conv_impl must be 'auto', 'winograd', 'im2col' or 'lax', got 'fft'"):
+        layers.Conv(6, conv_impl="fft").init(jax.random.PRNGKey(5), x)
 
 
 def reference_norm(x, scale, bias, axes, eps=1e-5):
@@ -115,9 +127,8 @@ def reference_norm(x, scale, bias, axes, eps=1e-5):
 
 
 def test_instance_norm_matches_reference():
-    x = 3.0 * jax.random.normal(jax.random.PRNGKey(6), (3, 5, 4, 6)) + 2.0
+    x = normal(8, (3, 5, 4, 6), 3.0, 2.0)
     norm = layers.InstanceNorm()
-    variables = norm.init(jax.random.PRNGKey(0), x)
     scale = jnp.linspace(0.5, 1.5, 6)
     bias = jnp.linspace(-1.0, 1.0, 6)
     variables = {"params": {"scale": scale, "bias": bias}}
@@ -125,7 +136,7 @@ def test_instance_norm_matches_reference():
 
 
 def test_batch_norm_train_matches_reference_and_updates_like_pytorch():
-    x = 2.0 * jax.random.normal(jax.random.PRNGKey(8), (4, 3, 5, 6)) - 1.0
+    x = normal(9, (4, 3, 5, 6), 2.0, -1.0)
     bn = layers.BatchNorm(use_running_average=False, momentum=0.1)
     variables = bn.init(jax.random.PRNGKey(0), x)
     y, state = bn.apply(variables, x, mutable=["batch_stats"])
@@ -138,19 +149,18 @@ def test_batch_norm_train_matches_reference_and_updates_like_pytorch():
 @pytest.mark.parametrize("axes", [(1, 2), (0, 1, 2)])
 def test_normalize_gradients_match_autodiff(axes):
     """The hand-written backward equals autodiff of the textbook formula, for all three outputs."""
-    x = 3.0 * jax.random.normal(jax.random.PRNGKey(9), (4, 5, 5, 6)) + 2.0
-    scale = jax.random.normal(jax.random.PRNGKey(10), (6,))
-    bias = jax.random.normal(jax.random.PRNGKey(11), (6,))
+    x, scale, bias = normal(10, (4, 5, 5, 6), 3.0, 2.0), normal(11, (6,)), normal(12, (6,))
 
     def textbook(x, scale, bias):
         mean = x.mean(axis=axes, keepdims=True)
         var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
         return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
 
+    cotangents = tuple(normal(13 + i, o.shape) for i, o in enumerate(jax.eval_shape(textbook, x, scale, bias)))
+
     @functools.partial(jax.jit, static_argnums=0)
     def outputs_and_grads(f, x, scale, bias):
         out, vjp = jax.vjp(f, x, scale, bias)
-        cotangents = tuple(jax.random.normal(jax.random.PRNGKey(12 + i), o.shape) for i, o in enumerate(out))
         return out + vjp(cotangents)
 
     got = outputs_and_grads(lambda *a: layers._normalize(*a, axes, 1e-5), x, scale, bias)
@@ -159,7 +169,7 @@ def test_normalize_gradients_match_autodiff(axes):
 
 
 def test_batch_norm_sows_per_sample_moments():
-    x = jax.random.normal(jax.random.PRNGKey(13), (3, 4, 4, 5)) + 1.0
+    x = normal(16, (3, 4, 4, 5), shift=1.0)
     bn = layers.BatchNorm(use_running_average=True)
     variables = bn.init(jax.random.PRNGKey(0), x)
     _, state = bn.apply(variables, x, mutable=[layers.BN_STATS])
@@ -174,7 +184,7 @@ def test_batch_norm_sows_per_sample_moments():
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3)])
 def test_avg_pool2_matches_reference(shape):
-    x = jax.random.normal(jax.random.PRNGKey(14), shape)
+    x = normal(17, shape)
     n, h, w, c = shape
     x64 = np.asarray(x, np.float64)[:, : h // 2 * 2, : w // 2 * 2]
     want = x64.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))

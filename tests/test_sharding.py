@@ -115,7 +115,10 @@ def test_mesh_from_config_and_class_ownership():
     config = _config()
     mesh = sharding.make_mesh(config.mesh)
     assert mesh.axis_names == ("classes",) and mesh.size == jax.device_count()
-    assert sharding.num_padded_classes(10, mesh) % mesh.size == 0
+    # The class axis is padded to the smallest multiple of the device count (only .size is read).
+    from types import SimpleNamespace
+    for devices, padded in ((1, 10), (3, 12), (5, 10), (8, 16), (11, 11)):
+        assert sharding.num_padded_classes(10, SimpleNamespace(size=devices)) == padded
     assert sharding.owned_classes(10, mesh) == list(range(10))  # one process owns every class
     config.mesh.shape = (3,)
     with pytest.raises(sharding.UserError, match="does not fit"):

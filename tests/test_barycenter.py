@@ -230,7 +230,7 @@ def test_float64_when_x64_enabled():
         np.testing.assert_allclose(float(res.cost), exact_w2(x, None, np.asarray(res.support), None), rtol=1e-3)
 
 
-# --------------------------------------------------------------------------- input validation (issue 7)
+# --------------------------------------------------------------------------- input validation
 
 
 def test_eager_calls_reject_bad_input_with_a_clear_message():
@@ -302,7 +302,7 @@ def test_float16_is_computed_in_float32():
     assert half.converged
 
 
-# --------------------------------------------------------------------------- duplicates (issue 8)
+# --------------------------------------------------------------------------- duplicates
 
 
 def copies_by_mass(mass, m):
@@ -367,7 +367,7 @@ def test_duplicate_points_split_by_location_and_reach_the_optimum():
                 assert r.cost >= exact * (1 - 1e-5), (name, r.cost, exact)
 
 
-# --------------------------------------------------------------------------- separated clusters (issue 10)
+# --------------------------------------------------------------------------- separated clusters
 
 
 def separated_clusters(seed: int, n: int, d: int, k: int, sep: float = 20.0) -> np.ndarray:

@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.ipc = 10                      # synthetic images per class
     config.conv_impl = "auto"            # auto (winograd on CPU, lax.conv on GPU/TPU) | winograd | im2col | lax
+    config.dtype = "float32"             # training compute: float32 | bfloat16 (parameters, optimizer, BN stay float32)
+    config.precision = "default"         # matmul/conv precision of training steps: default | high | highest
 
     config.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist",

@@ -38,7 +38,7 @@ def child(num_classes: list[int], ipc: int, size: int, width: int, repeats: int)
     from configs import default
     from wmdd_jax import distill, sharding
     from wmdd_jax.models import create_model
-    from wmdd_jax.train import init_variables
+    from wmdd_jax.train_step import init_variables
 
     config = default.get_config()
     mesh = sharding.make_mesh(config.mesh)

@@ -37,7 +37,8 @@ from wmdd_jax import results  # noqa: E402
 from wmdd_jax.data import load_split  # noqa: E402
 from wmdd_jax.errors import UserError  # noqa: E402
 from wmdd_jax.teacher import model_from_spec  # noqa: E402
-from wmdd_jax.train import init_variables, predict_classes  # noqa: E402
+from wmdd_jax.predict import predict_classes  # noqa: E402
+from wmdd_jax.train_step import init_variables  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "fashion_mnist_cross_split.jsonl")
 

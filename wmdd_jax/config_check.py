@@ -18,6 +18,8 @@ SCHEDULES = ("cosine", "step", "constant")
 NORMS = ("instance", "batch", "none")
 STEMS = ("imagenet", "small", "tiny")
 CONV_IMPLS = ("auto", "winograd", "im2col", "lax")
+DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("default", "high", "highest")
 
 
 def _fail(key: str, value, wants: str):
@@ -87,6 +89,8 @@ def check_config(config) -> None:
     """Raises a `UserError` for the first key of ``config`` that no stage could run with."""
     _positive_int(config, "ipc")
     _one_of(config, "conv_impl", CONV_IMPLS)
+    _one_of(config, "dtype", DTYPES)
+    _one_of(config, "precision", PRECISIONS)
     _one_of(config, "data.name", available())
     _positive_int(config, "data.validation_per_class", zero_ok=True)
     check_train_spec(config, "teacher")

@@ -21,8 +21,15 @@ from wmdd_jax.data import ArraySource, load_split, random_subset
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.image_sets import image_set_id, images_per_class, load_image_set, load_soft_labels
-from wmdd_jax.teacher import identity, load_teacher, model_from_spec
-from wmdd_jax.train import BOOKKEEPING, train
+from wmdd_jax.teacher import identity, load_teacher, model_from_spec, precision
+from wmdd_jax.sharding import make_mesh, process_index
+from wmdd_jax.train import BOOKKEEPING, Run, train_group
+
+def say(message: str) -> None:
+    """A line for the user, from process 0 only."""
+    if process_index() == 0:
+        print(message)
+
 
 def _seeds(config) -> list[int]:
     seeds = [int(seed) for seed in config.eval.seeds]
@@ -71,9 +78,9 @@ def evaluate(config, workdir: str) -> list[dict]:
         ipc = images_per_class(fixed[0].labels, train_source.num_classes, f"the image set at {path}")
         if ipc is None:
             counts = np.bincount(fixed[0].labels, minlength=train_source.num_classes).tolist()
-            print(f"{method}: the set has unequal classes ({counts} images); its rows say ipc null")
+            say(f"{method}: the set has unequal classes ({counts} images); its rows say ipc null")
         elif ipc != int(config.ipc):
-            print(f"{method}: the set has {ipc} images per class; that is the IPC reported (not "
+            say(f"{method}: the set has {ipc} images per class; that is the IPC reported (not "
                   f"config.ipc={config.ipc})")
     online = "soft" in config.eval.label_modes and not stored
     teacher = load_teacher(config, workdir, train_source) if "soft" in config.eval.label_modes else None
@@ -86,10 +93,17 @@ def evaluate(config, workdir: str) -> list[dict]:
     rows = []
     out_root = os.path.join(workdir, "eval", method)
     ipc_dir = f"ipc{ipc}" if ipc is not None else f"images{len(fixed[0])}"
+    mesh = make_mesh(config.mesh)
     for model_name in config.eval.models:
         for mode in config.eval.label_modes:
             spec = config.eval[mode]
-            accuracies = []
+            student_spec = spec.copy_and_resolve_references()
+            with student_spec.unlocked():
+                student_spec.model = model_name
+            model = model_from_spec(student_spec, train_source.num_classes, config.conv_impl)
+            use_stored = mode == "soft" and soft_labels is not None
+            run_name = f"{model_name}_{mode}" + ("_stored" if use_stored else "")
+            runs = []
             for seed in seeds:
                 if fixed is None:
                     idx, _ = random_subset(train_source, ipc, seed)
@@ -103,20 +117,17 @@ def evaluate(config, workdir: str) -> list[dict]:
                     inputs = {"images": images_id}
                 if mode == "soft":
                     inputs["teacher"] = teacher_id
-                student_spec = spec.copy_and_resolve_references()
-                with student_spec.unlocked():
-                    student_spec.model = model_name
-                model = model_from_spec(student_spec, train_source.num_classes, config.conv_impl)
-                use_stored = mode == "soft" and soft_labels is not None
-                run_name = f"{model_name}_{mode}" + ("_stored" if use_stored else "")
-                run_dir = os.path.join(out_root, ipc_dir, run_name, f"seed{seed}")
-                result = train(model, student_spec, data, run_dir, seed=seed, test_source=test_source,
-                               teacher=teacher if mode == "soft" and online else None, weights=weights,
-                               desc=f"{model_name} {mode} seed {seed}", config_key=f"eval.{mode}",
-                               stored_targets=soft_labels if use_stored else None,
-                               data_seed=data_seed if use_stored else None, inputs=inputs)
-                accuracies.append(result.test_accuracy)
-                print(f"{method} ipc={ipc} {model_name} {mode} seed={seed}: {result.test_accuracy:.2f}%")
+                runs.append(Run(data, os.path.join(out_root, ipc_dir, run_name, f"seed{seed}"), seed,
+                                data_seed if use_stored else None, weights, inputs,
+                                desc=f"{model_name} {mode} seed {seed}"))
+            # The seeds train together: one program, their states stacked (`train_group`).
+            trained = train_group(model, student_spec, runs, test_source=test_source,
+                                  teacher=teacher if mode == "soft" and online else None,
+                                  stored_targets=soft_labels if use_stored else None,
+                                  config_key=f"eval.{mode}", mesh=mesh, precision=precision(config))
+            accuracies = [result.test_accuracy for result in trained]
+            for seed, accuracy in zip(seeds, accuracies):
+                say(f"{method} ipc={ipc} {model_name} {mode} seed={seed}: {accuracy:.2f}%")
             labels_from = ("stored" if soft_labels is not None else "online") if mode == "soft" else None
             extra = {"soft_labels": labels_from, "teacher_id": teacher_id} if mode == "soft" else {}
             if counts is not None:
@@ -126,9 +137,10 @@ def evaluate(config, workdir: str) -> list[dict]:
                                       split=config.eval.split, seeds=seeds,
                                       recipe=fingerprint(json.dumps(student_recipe(config, mode, labels_from),
                                                                     sort_keys=True, default=str)), **extra)
-            results.upsert_jsonl(os.path.join(workdir, "eval", "summary.jsonl"), row,
-                                 keys=(*results.KEY_FIELDS, "recipe"))
-            print(f"{method} ipc={ipc} {model_name} {mode}: {row['mean']:.2f} ± {row['std']:.2f} "
-                  f"({row['n_seeds']} seeds)")
+            if process_index() == 0:
+                results.upsert_jsonl(os.path.join(workdir, "eval", "summary.jsonl"), row,
+                                     keys=(*results.KEY_FIELDS, "recipe"))
+            say(f"{method} ipc={ipc} {model_name} {mode}: {row['mean']:.2f} ± {row['std']:.2f} "
+                f"({row['n_seeds']} seeds)")
             rows.append(row)
     return rows

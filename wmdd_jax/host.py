@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import glob
+import importlib.util
 import os
 import sys
 
@@ -18,9 +20,12 @@ def tune_host_allocator() -> bool:
     ~1.1 GB of new pages per step (~280k page faults) and an elementwise op over 100 MB
     took 110 ms instead of 11 ms. One arena, no mmap and no trimming make malloc reuse the
     same pages every step. Changes this process only; call it before jax is imported.
-    Skipped (returns False) off glibc or with ``WMDD_HOST_ALLOCATOR=default``.
+    Skipped (returns False) off glibc, with ``WMDD_HOST_ALLOCATOR=default``, and when jax will run
+    on an accelerator (its buffers are then device memory, not malloc's; the tuning was measured
+    for XLA:CPU only).
     """
-    if os.environ.get("WMDD_HOST_ALLOCATOR", "tuned") == "default" or not sys.platform.startswith("linux"):
+    if (os.environ.get("WMDD_HOST_ALLOCATOR", "tuned") == "default" or not sys.platform.startswith("linux")
+            or accelerator_backend()):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -28,3 +33,17 @@ def tune_host_allocator() -> bool:
         return False
     return all(libc.mallopt(option, value) == 1
                for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+
+
+def accelerator_backend() -> bool:
+    """Whether jax will pick a GPU or TPU, told without starting jax (which fixes its threads).
+
+    ``JAX_PLATFORMS`` decides when set; otherwise an installed jax plugin with its device files.
+    """
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    plugins = {"jax_cuda12_plugin": "/dev/nvidia[0-9]*", "jax_cuda13_plugin": "/dev/nvidia[0-9]*",
+               "jax_rocm60_plugin": "/dev/kfd", "libtpu": "/dev/accel*"}
+    return any(glob.glob(devices) and importlib.util.find_spec(name) is not None
+               for name, devices in plugins.items())

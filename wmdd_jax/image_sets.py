@@ -19,7 +19,7 @@ from wmdd_jax import interop
 from wmdd_jax.data import ArraySource, Source
 from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
-from wmdd_jax.train import batch_plan
+from wmdd_jax.train_step import batch_plan
 
 SYNTHETIC_FILE = "images.npz"
 SOFT_LABELS_FILE = "soft_labels.npz"

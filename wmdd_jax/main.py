@@ -26,12 +26,13 @@ def _stages():
     from wmdd_jax import distill
     from wmdd_jax.evaluate import evaluate
     from wmdd_jax.interop.export import export
-    from wmdd_jax.pipeline import pretrain_stage, process_zero_only, run_all, run_distill
+    from wmdd_jax.pipeline import process_zero_only, run_all, run_distill
     from wmdd_jax.relabel import relabel
+    from wmdd_jax.teacher import pretrain
 
-    return {"pretrain": pretrain_stage, "statistics": distill.statistics, "barycenter": distill.barycenter,
+    return {"pretrain": pretrain, "statistics": distill.statistics, "barycenter": distill.barycenter,
             "recover": distill.recover, "relabel": process_zero_only(relabel),
-            "evaluate": process_zero_only(evaluate), "all": run_all, "distill": run_distill,
+            "evaluate": evaluate, "all": run_all, "distill": run_distill,
             "export": process_zero_only(export)}
 
 

@@ -1,9 +1,10 @@
 """Stages ``all`` (pretrain -> statistics -> barycenter -> recover -> (relabel) -> evaluate) and
 ``distill`` (statistics -> barycenter -> recover), and the rule for several processes.
 
-On several processes (``jax.distributed``) the distillation stages run on every process, each
-on its own classes; ``pretrain`` needs a finished teacher (train it on one host first, or pass
-``--config.teacher.checkpoint``); ``relabel``, ``evaluate`` and ``export`` run on process 0 alone.
+On several processes (``jax.distributed``) every stage but ``relabel`` and ``export`` runs on every
+process: the distillation stages each on its own classes, ``pretrain`` and ``evaluate`` data
+parallel (each process loads its share of every batch); ``relabel`` and ``export`` run on
+process 0 alone.
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ import os
 import time
 
 from wmdd_jax import distill, files
-from wmdd_jax.errors import UserError
 from wmdd_jax.evaluate import evaluate
 from wmdd_jax.relabel import relabel
-from wmdd_jax.sharding import process_count, process_index
+from wmdd_jax.sharding import process_index
 from wmdd_jax.teacher import pretrain
-
-
-def pretrain_stage(config, workdir):
-    """``pretrain``; on several processes only the reuse of a finished teacher (no distributed training)."""
-    finished = config.teacher.checkpoint or os.path.exists(os.path.join(workdir, "teacher", "result.json"))
-    if process_count() > 1 and not finished:
-        raise UserError("a multi-process run needs a finished teacher: run 'pretrain' on one host first, or pass "
-                        "--config.teacher.checkpoint=DIR")
-    return pretrain(config, workdir)
 
 
 def process_zero_only(stage):
@@ -47,11 +38,11 @@ def run_distill(config, workdir):
 
 def run_all(config, workdir):
     """Every stage in order; each skips itself when its outputs exist. Wall times -> timings.json."""
-    stages = [("pretrain", pretrain_stage), ("statistics", distill.statistics),
+    stages = [("pretrain", pretrain), ("statistics", distill.statistics),
               ("barycenter", distill.barycenter), ("recover", distill.recover)]
     if "soft" in config.eval.label_modes and config.eval.soft.relabel == "stored":
         stages.append(("relabel", process_zero_only(relabel)))
-    stages.append(("evaluate", process_zero_only(evaluate)))
+    stages.append(("evaluate", evaluate))
     return _run(config, workdir, stages)
 
 

@@ -21,7 +21,7 @@ from wmdd_jax import checkpoint as ckpt
 from wmdd_jax.data import load_split
 from wmdd_jax.image_sets import SOFT_LABELS_FILE, augment_recipe, image_set_id, load_image_set, load_soft_labels
 from wmdd_jax.teacher import identity, load_teacher
-from wmdd_jax.train import augmented_input, batch_indices, batch_plan, data_key
+from wmdd_jax.train_step import augmented_input, batch_indices, batch_plan, data_key
 
 __all__ = ["SOFT_LABELS_FILE", "load_soft_labels", "relabel", "store_soft_labels"]
 

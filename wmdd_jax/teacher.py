@@ -15,7 +15,9 @@ from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.interop import load_torch_teacher
 from wmdd_jax.models import create_model, model_names, model_options
-from wmdd_jax.train import Teacher, init_variables, train
+from wmdd_jax.sharding import make_mesh, process_index
+from wmdd_jax.train import train
+from wmdd_jax.train_step import Precision, Teacher, init_variables
 
 _MODEL_FILE = "model.json"
 IDENTITY_FILE = "identity.json"
@@ -28,6 +30,11 @@ def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
 def _describe(spec, source: Source) -> dict:
     return {"model": spec.model, **model_options(spec), "num_classes": source.num_classes,
             "image_shape": list(source.image_shape)}
+
+
+def precision(config) -> Precision:
+    """The training steps' compute dtype and matmul precision (``config.dtype``, ``config.precision``)."""
+    return Precision(config.dtype, config.precision)
 
 
 def pretrain(config, workdir: str) -> Teacher:
@@ -45,9 +52,11 @@ def pretrain(config, workdir: str) -> Teacher:
     os.makedirs(out, exist_ok=True)
     files.write_json(os.path.join(out, _MODEL_FILE), _describe(spec, train_source))
     result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher",
-                   config_key="teacher")
+                   config_key="teacher", mesh=make_mesh(config.mesh), precision=precision(config))
     teacher = Teacher(model, result.variables)
     files.write_json(os.path.join(out, IDENTITY_FILE), {"teacher": identity(teacher)})
+    if process_index() != 0:
+        return teacher
     print(f"teacher: test accuracy {result.test_accuracy:.2f}% after {result.steps} steps "
           f"({result.seconds / 60:.1f} min)")
     chance = 100.0 / train_source.num_classes

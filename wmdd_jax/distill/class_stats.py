@@ -24,7 +24,7 @@ from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.models import BN_STATS, collect_bn_moments
 from wmdd_jax.teacher import identity as teacher_identity
 from wmdd_jax.teacher import load_teacher
-from wmdd_jax.train import Teacher
+from wmdd_jax.train_step import Teacher
 
 STATS_DIR = "statistics"
 

@@ -16,7 +16,7 @@ import optax
 
 from wmdd_jax.data import augment, normalize
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
-from wmdd_jax.train import Teacher
+from wmdd_jax.train_step import Teacher
 
 
 @flax.struct.dataclass

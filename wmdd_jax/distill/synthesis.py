@@ -19,12 +19,13 @@ import optax
 from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
-from wmdd_jax import sharding
+from wmdd_jax import files, sharding
 from wmdd_jax.data import Source, denormalize, load_split, normalize
 from wmdd_jax.distill.class_stats import STATS_DIR, ClassStatistics, load_statistics, owned_classes
 from wmdd_jax.distill.loss import SynthesisState, Targets, make_synthesis_step
 from wmdd_jax.distill.targets import barycenter
 from wmdd_jax.errors import UserError
+from wmdd_jax.metric_writers import EventFileWriter
 from wmdd_jax.teacher import identity as teacher_identity
 from wmdd_jax.teacher import load_teacher
 from wmdd_jax.train import BOOKKEEPING
@@ -134,7 +135,8 @@ def recover(config, workdir: str) -> np.ndarray:
     class_mask = sharding.class_array(mesh, C, lambda k: np.float32(1), ())
     variables = sharding.put_replicated(teacher.variables, mesh)
 
-    tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, max(int(cfg.iterations), 1)), b1=0.5, b2=0.9, eps=1e-8)
+    schedule = optax.cosine_decay_schedule(cfg.lr, max(int(cfg.iterations), 1))
+    tx = optax.adam(schedule, b1=0.5, b2=0.9, eps=1e-8)
     images = by_class(init_images(config, source, stats, bc["support"]).astype(np.float32))
 
     def fresh(images):
@@ -152,12 +154,21 @@ def recover(config, workdir: str) -> np.ndarray:
         print(f"recover: resuming at step {start} of {cfg.iterations}")
     bar = tqdm(total=cfg.iterations, initial=start, desc=f"recover {method_name(config)}",
                disable=jax.process_index() != 0, dynamic_ncols=True, leave=False)
+    # Loss parts and learning rate: metrics.jsonl and TensorBoard event files in synthetic/.
+    metrics_path, curves = os.path.join(out_dir, "metrics.jsonl"), EventFileWriter(out_dir)
+    if jax.process_index() == 0:
+        files.write_jsonl(metrics_path, [r for r in files.read_jsonl(metrics_path) if r.get("step", 0) <= start])
     try:
         for it in range(start, cfg.iterations):
             state, parts = step_fn(state, targets, variables, class_ids, class_mask)
             done = it + 1
             if done % int(cfg.log_every_steps) == 0:
-                bar.set_postfix({k: f"{float(v):.3g}" for k, v in parts.items()})
+                scalars = {k: float(v) for k, v in parts.items()}
+                scalars["learning_rate"] = float(schedule(it))
+                curves.write_scalars(done, scalars)
+                if jax.process_index() == 0:
+                    files.append_jsonl(metrics_path, {"step": done, **scalars})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()})
             bar.update(1)
             # Time-based saves only at log steps, decided by process 0 so every process saves together.
             due = done % int(cfg.log_every_steps) == 0 and sharding.broadcast_flag(
@@ -167,6 +178,7 @@ def recover(config, workdir: str) -> np.ndarray:
                 last_save = time.time()
     finally:
         bar.close()
+        curves.close()
         manager.wait_until_finished()
     rows = sharding.local_class_rows(state.images, C)
     pixels = np.clip(np.asarray(denormalize(np.stack([rows[k] for k in classes]), source.mean, source.std)), 0, 1)

@@ -16,7 +16,7 @@ from wmdd_jax.data import load_split
 from wmdd_jax.errors import UserError
 from wmdd_jax.interop.state_dict import from_torch, to_torch
 from wmdd_jax.models import create_model, model_options
-from wmdd_jax.train import Teacher, init_variables
+from wmdd_jax.train_step import Teacher, init_variables
 
 # Wrappers that prefix every key: DataParallel / DistributedDataParallel, torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")

@@ -257,6 +257,11 @@ def _normalize_bwd(axes, epsilon, res, cotangents):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
+def _normalize_autodiff(x, scale, bias, axes, epsilon):
+    """`_normalize` with JAX's own backward (off CPU)."""
+    return _normalize_fwd(x, scale, bias, axes, epsilon)[0]
+
+
 class InstanceNorm(nn.Module):
     """Per-sample, per-channel normalisation with affine parameters.
 
@@ -268,13 +273,14 @@ class InstanceNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        c = x.shape[-1]
+        c, dtype = x.shape[-1], x.dtype
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))  # statistics in float32 (bfloat16 compute too)
         mean = x.mean(axis=(1, 2), keepdims=True)
         var = jnp.square(x - mean).mean(axis=(1, 2), keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        return y * scale + bias
+        return (y * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(dtype)
 
 
 class BatchNorm(nn.Module):
@@ -296,7 +302,8 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        c = x.shape[-1]
+        c, dtype = x.shape[-1], x.dtype
+        x = x.astype(jnp.promote_types(dtype, jnp.float32))  # statistics in float32 (bfloat16 compute too)
         reduce_axes = tuple(range(x.ndim - 1))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -309,18 +316,22 @@ class BatchNorm(nn.Module):
             v = jnp.square(x - jnp.expand_dims(m, spatial)).mean(axis=spatial)
             self.sow(BN_STATS, "moments", (m, v))
 
+        scale, bias = scale.astype(x.dtype), bias.astype(x.dtype)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-            return y * scale + bias
-        y, mean, var = _normalize(x, scale, bias, reduce_axes, self.epsilon)
+            return (y * scale + bias).astype(dtype)
+        # The hand-written backward is a CPU choice, like the Winograd convolution: measured there;
+        # on GPU and TPU XLA's fusion of the autodiff backward is the known-good path.
+        normalize = _normalize if jax.default_backend() == "cpu" else _normalize_autodiff
+        y, mean, var = normalize(x, scale, bias, reduce_axes, self.epsilon)
         if not self.is_initializing():
             mean, var = mean.reshape(c), var.reshape(c)
             n = x.size // c
             unbiased = var * (n / max(n - 1, 1))
             ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
             ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-        return y
+        return y.astype(dtype)
 
 
 def make_norm(kind: str, train: bool, name: str) -> nn.Module | None:

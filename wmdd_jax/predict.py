@@ -1,0 +1,43 @@
+"""Predictions of a trained model over a whole split (test accuracy, per-class scores)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wmdd_jax.data import Source, normalize
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(model: nn.Module, stacked: bool):
+    def predict(variables, images, mean, std):
+        return jnp.argmax(model.apply(variables, normalize(images, mean, std), train=False), -1)
+    return jax.jit(jax.vmap(predict, in_axes=(0, None, None, None)) if stacked else predict)
+
+
+def predict_classes(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
+                    stacked: bool = False) -> np.ndarray:
+    """``[len(source)]`` predicted classes of all of ``source``; last batch padded, one compile per model.
+
+    ``stacked``: ``variables`` of several models on a leading axis (`wmdd_jax.train.train_group`),
+    predicted in one program: ``[models, len(source)]``.
+    """
+    predict = _predict_fn(model, stacked)
+    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    n, out = len(source), []
+    for start in range(0, n, batch_size):
+        images, _ = source.get(np.minimum(np.arange(start, start + batch_size), n - 1))
+        out.append(predict(variables, images, mean, std))
+    return np.concatenate([np.asarray(p) for p in out], axis=-1)[..., :n]
+
+
+def evaluate_accuracy(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
+                      stacked: bool = False) -> float | list[float]:
+    """Top-1 accuracy (%) of ``model`` on all of ``source`` (a list, one per model, when ``stacked``)."""
+    correct = predict_classes(model, variables, source, batch_size, stacked) == source.labels
+    accuracy = 100.0 * np.mean(correct, axis=-1)
+    return [float(a) for a in accuracy] if stacked else float(accuracy)

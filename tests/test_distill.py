@@ -12,11 +12,12 @@ import pytest
 from tests.conftest import CONV_IMPL, tiny_config
 from wmdd_jax import distill, relabel
 from wmdd_jax.checkpoint import write_npz
-from wmdd_jax.errors import UserError
 from wmdd_jax.data import denormalize, load_split, normalize
+from wmdd_jax.errors import UserError
+from wmdd_jax.metric_writers import read_scalars
 from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
 from wmdd_jax.teacher import load_teacher, pretrain
-from wmdd_jax.train import Teacher, augmented_input, batch_indices, batch_plan, data_key, init_variables
+from wmdd_jax.train_step import Teacher, augmented_input, batch_indices, batch_plan, data_key, init_variables
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +277,17 @@ def test_all_stages_from_the_command_line(tmp_path):
     # cache (tests/conftest.py) instead of compiling them again.
     overrides = [*TINY, "--config.teacher.batch_size=32", "--config.synthesis.iterations=6",
                  "--config.eval.hard.epochs=40", "--config.eval.soft.epochs=10",
-                 "--config.eval.label_modes=('hard','soft')", "--config.eval.soft.relabel=stored"]
+                 "--config.eval.label_modes=('hard','soft')", "--config.eval.soft.relabel=stored",
+                 "--config.synthesis.log_every_steps=2"]
     out = cli("all", "--config=configs/fashion_mnist.py", *overrides, workdir=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    # The recover stage's loss parts and learning rate, as JSON lines and as TensorBoard curves.
+    curves = read_scalars(str(tmp_path / "synthetic"))
+    assert set(curves) == {"ce", "feature", "bn", "learning_rate"}
+    assert [step for step, _ in curves["bn"]] == [2, 4, 6]
+    logged = [json.loads(line) for line in open(tmp_path / "synthetic" / "metrics.jsonl")]
+    assert [row["bn"] for row in logged] == pytest.approx([value for _, value in curves["bn"]])
+    assert curves["learning_rate"][0][1] > curves["learning_rate"][-1][1] > 0  # cosine, 6 steps
     for path in ("teacher/result.json", "statistics/class_00009.npz", "barycenter/class_00009.npz", "synthetic/images.npz",
                  "synthetic/grid.png", "synthetic/soft_labels.npz", "eval/summary.jsonl"):
         assert os.path.exists(tmp_path / path), path
@@ -354,7 +363,7 @@ def test_padded_classes_change_nothing():
 def test_committed_teacher_loads_and_classifies():
     """experiments/teachers/ holds the experiments' teacher (92.67% on the full test split)."""
     from tests.conftest import ROOT
-    from wmdd_jax.train import evaluate_accuracy
+    from wmdd_jax.predict import evaluate_accuracy
 
     config = tiny_config()
     config.teacher.checkpoint = os.path.join(ROOT, "experiments", "teachers", "fashion_mnist_convnet3_bn")

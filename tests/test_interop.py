@@ -24,7 +24,7 @@ from wmdd_jax.image_sets import load_image_set  # noqa: E402
 from wmdd_jax.interop.export import export  # noqa: E402
 from wmdd_jax.models import create_model  # noqa: E402
 from wmdd_jax.teacher import load_teacher  # noqa: E402
-from wmdd_jax.train import Teacher, init_variables  # noqa: E402
+from wmdd_jax.train_step import Teacher, init_variables  # noqa: E402
 
 RTOL = 1e-4  # logits, features and statistics: max |ours - torch| <= RTOL * max |torch|
 # The ResNets run lax.conv: compiled in a fraction of the CPU default's (Winograd) time, and the

@@ -19,7 +19,7 @@ from tests.conftest import CONV_IMPL, tiny_config  # noqa: E402
 from tests.torch_models import TorchConvNet, numpy_state, randomize  # noqa: E402
 from wmdd_jax import distill, interop  # noqa: E402
 from wmdd_jax.models import create_model  # noqa: E402
-from wmdd_jax.train import Teacher, init_variables  # noqa: E402
+from wmdd_jax.train_step import Teacher, init_variables  # noqa: E402
 
 SHAPE = (28, 28, 1)   # Fashion-MNIST: the first convolution pads by 3, a 4x4 map after three pools
 WIDTH = 16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from wmdd_jax.models import BN_STATS, collect_bn_moments, create_model, pooled_moments
-from wmdd_jax.train import init_variables
+from wmdd_jax.train_step import init_variables
 
 
 def count(tree) -> int:

@@ -204,6 +204,25 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_table(rows: list[dict]) -> str:
+    """The evaluate stage's students: one at a time, stacked, and PyTorch (experiments/bench_evaluate.py)."""
+    if not rows:
+        return ""
+    order = {"before": 0, "after": 1, "pytorch": 2}
+    rows = sorted(rows, key=lambda r: (r["devices"], r["ipc"], r["epochs"], order.get(r["variant"], 3)))
+    lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
+             "| warm student steps/s | MiB per device | test accuracy % (per seed) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        warm = r.get("warm_student_steps_per_s")
+        mib = r.get("per_device_mib")
+        lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {r['variant']} "
+                     f"| {r['wall_s']:.0f} | {r['speedup_vs_pytorch']:.2f} | {'' if warm is None else f'{warm:.1f}'} "
+                     f"| {'' if mib is None else f'{mib:.0f}'} | {_pm(dict(r, n_seeds=len(r['accuracies'])))} "
+                     f"({', '.join(f'{v:.2f}' for v in r['accuracies'])}) |")
+    return "\n".join(lines)
+
+
 def tuning_table(rows: list[dict]) -> str:
     """The validation search (experiments/tune_fashion_mnist.py): one line per candidate, best seed 0 first."""
     if not rows:
@@ -242,6 +261,7 @@ def tables(rows: list[dict]) -> dict[str, str]:
         "cross_split": cross_split_table([r for r in rows if r.get("metric") == "cross_split"]),
         "throughput": throughput_table([r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]),
         "scaling": scaling_table([r for r in rows if r.get("benchmark") == "synthesis_scaling"]),
+        "evaluate": evaluate_table([r for r in rows if r.get("benchmark") == "evaluate"]),
     }
 
 

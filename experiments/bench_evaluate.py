@@ -7,11 +7,13 @@ teacher ``experiments/teachers/fashion_mnist_convnet3_bn`` at T=20, run online),
 (instance norm, width 128), and testing each on the test split. The images of seed s are the random
 real subset ``random_subset(train, ipc, s)`` (training on it costs what a synthetic set of that size
 costs). Epochs: ``--epochs-fraction`` of the recipe's 300 (1 = the real protocol), the same for all
-variants. Three variants, each on the same seeds, side by side in ONE process:
+variants. Four variants, each on the same seeds, side by side in ONE process:
 
 * ``before``: ``wmdd_jax.train.train`` per seed, one after another (each its own program);
-* ``after``: ``wmdd_jax.train.train_group`` of all seeds (states stacked, one vmapped program), as
-  ``wmdd_jax.evaluate`` now does;
+* ``after``: ``wmdd_jax.train.train_group`` of all seeds with its default (``together="auto"``: on
+  one CPU device the seeds run in turn through one compiled step), as ``wmdd_jax.evaluate`` does;
+* ``stacked``: ``train_group(..., together="stack")``: states stacked, one vmapped program
+  (the default on GPU/TPU and over several devices);
 * ``pytorch``: a plain PyTorch loop (the DC/SRe2L way), the students one after another: a ConvNet-3
   with ``GroupNorm(128, 128)``, the teacher converted with ``wmdd_jax.interop.to_torch``, AdamW +
   ``CosineAnnealingLR`` over the total steps (stepped per step), KL ``sum p_t (log p_t - log p_s)``
@@ -30,10 +32,10 @@ stage's time); the splits and the teacher are loaded once, outside. ``warm_steps
 second after the first logging window (which holds the compilation), from the ``steps_per_s`` curve
 of the runs' event files (JAX; null when a run has a single window, i.e. <= 50 steps) or timed
 after the first tenth of the steps (PyTorch); ``warm_student_steps_per_s`` multiplies by the
-students one step advances (3 for ``after``). ``train_loop_s``: the training loops alone (JAX:
+students one step advances (3 for ``stacked``). ``train_loop_s``: the training loops alone (JAX:
 result.json's ``seconds``, step compilation included; the rest of ``wall_s`` is initialisation,
 checkpoints and testing); ``images_per_s``: student images trained per second of it, all seeds.
-For ``after``, ``per_device_mib``: XLA's memory analysis (argument + output + temp - alias) of the
+For ``stacked``, ``per_device_mib``: XLA's memory analysis (argument + output + temp - alias) of the
 stacked step compiled for the same shapes and mesh, per device (``per_device_mib_one_student``: the
 same for one unstacked student), and ``max_abs_weight_diff_vs_before``: the largest difference
 between a seed's final weights trained alone and trained stacked.
@@ -65,7 +67,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("before", "after", "pytorch")
+VARIANTS = ("before", "after", "stacked", "pytorch")
 
 
 def parse_args(argv):
@@ -195,7 +197,7 @@ def run_jax(variant, ctx, ipc):
             trained = [train(model, spec, r.source, r.workdir, seed=r.seed, inputs=r.inputs, desc=r.desc, **common)
                        for r in runs]
         else:
-            trained = train_group(model, spec, runs, **common)
+            trained = train_group(model, spec, runs, together="stack" if variant == "stacked" else "auto", **common)
         wall = time.perf_counter() - t0
         done = [json.load(open(os.path.join(r.workdir, "result.json"))) for r in runs]
         rates = [warm_rate(r.workdir) for r in runs]
@@ -203,9 +205,9 @@ def run_jax(variant, ctx, ipc):
     finally:
         shutil.rmtree(root, ignore_errors=True)
     warm = float(np.mean(rates)) if all(r is not None for r in rates) else None
-    per_step = len(runs) if variant == "after" else 1
+    per_step = done[0].get("trained_with", 1)  # students one step advances
     # result.json's seconds: the training loop (step compilation included), shared by runs trained together
-    loop = sum(d["seconds"] for d in done) if variant == "before" else max(d["seconds"] for d in done)
+    loop = sum(d["seconds"] for d in done) if per_step == 1 else max(d["seconds"] for d in done)
     return dict(wall_s=wall, accuracies=[t.test_accuracy for t in trained],
                 variables=[jax.tree.map(np.asarray, t.variables) for t in trained], train_loop_s=loop,
                 images_per_s=len(runs) * steps * batch / loop,
@@ -405,7 +407,7 @@ def main():
                 print(f"  {out['wall_s']:.1f} s, accuracies {[round(x, 2) for x in out['accuracies']]}", flush=True)
         best = {v: min(outs, key=lambda o: o["wall_s"]) for v, outs in outcome.items()}
         memory, one, layout = None, None, None
-        if "after" in ARGS.variants and not ARGS.no_memory:
+        if "stacked" in ARGS.variants and not ARGS.no_memory:
             clear_caches()
             memory, layout = step_memory(ctx, ipc, len(ARGS.seeds))
             one, _ = step_memory(ctx, ipc, 1)
@@ -423,7 +425,7 @@ def main():
                        warm_student_steps_per_s=_r(out["warm_student_steps_per_s"]),
                        train_loop_s=round(out["train_loop_s"], 2), images_per_s=_r(out["images_per_s"]),
                        per_device_mib=None)
-            if variant == "after":
+            if variant == "stacked":
                 if memory is not None:
                     row["per_device_mib"] = _mib(memory)
                     row["per_device_bytes"] = memory
@@ -431,10 +433,11 @@ def main():
                     row["layout_devices"] = 1 if layout.mode == "single" else int(layout.mesh.size)
                 if one is not None:
                     row["per_device_mib_one_student"] = _mib(one)
-                row["trained_with"] = out.get("trained_with")
                 stats = jax.devices()[0].memory_stats()  # None on CPU; on an accelerator the process's peak
                 if stats and "peak_bytes_in_use" in stats:
                     row["device0_process_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 2)
+            if variant in ("after", "stacked"):
+                row["trained_with"] = out.get("trained_with")
                 if "before" in best:
                     diffs = [max(float(np.max(np.abs(x - y))) for x, y in
                                  zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -197,11 +197,12 @@ def test_runs_trained_together_equal_runs_trained_alone_and_resume(tmp_path, spl
              for r in runs("alone")]
     # 5 steps each; killed after 4 batches, with a checkpoint at step 3
     with pytest.raises(Interrupted):
-        train_group(model, spec, runs("cut", [FailingSource(src, 4) for src in small]), verbose=False)
+        train_group(model, spec, runs("cut", [FailingSource(src, 4) for src in small]), verbose=False,
+                    together="stack")
     first, second, third = runs("cut")
     train(model, spec, first.source, first.workdir, seed=0, data_seed=10, verbose=False)  # finished alone
     shutil.rmtree(third.workdir)  # starts over: trained after the second, which resumes at step 3
-    together = train_group(model, spec, runs("cut"), test_source=test_source, verbose=False)
+    together = train_group(model, spec, runs("cut"), test_source=test_source, verbose=False, together="stack")
     # max |difference| of the weights here: 0 (this width-8 lax.conv model's vmapped and single steps
     # matched bit for bit on XLA:CPU; a width-128 Winograd ConvNet differed by 3e-4 after 6 AdamW
     # steps, where batched and single kernels sum in other orders); 1e-5 leaves room for other builds.

@@ -91,6 +91,7 @@ def check_config(config) -> None:
     _one_of(config, "conv_impl", CONV_IMPLS)
     _one_of(config, "dtype", DTYPES)
     _one_of(config, "precision", PRECISIONS)
+    _one_of(config, "eval.together", ("auto", "stack", "sequence"))
     _one_of(config, "data.name", available())
     _positive_int(config, "data.validation_per_class", zero_ok=True)
     check_train_spec(config, "teacher")

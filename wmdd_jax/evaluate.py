@@ -120,11 +120,13 @@ def evaluate(config, workdir: str) -> list[dict]:
                 runs.append(Run(data, os.path.join(out_root, ipc_dir, run_name, f"seed{seed}"), seed,
                                 data_seed if use_stored else None, weights, inputs,
                                 desc=f"{model_name} {mode} seed {seed}"))
-            # The seeds train together: one program, their states stacked (`train_group`).
+            # The seeds train together (`train_group`): stacked in one program, or one after another
+            # through one compiled step (eval.together).
             trained = train_group(model, student_spec, runs, test_source=test_source,
                                   teacher=teacher if mode == "soft" and online else None,
                                   stored_targets=soft_labels if use_stored else None,
-                                  config_key=f"eval.{mode}", mesh=mesh, precision=precision(config))
+                                  config_key=f"eval.{mode}", mesh=mesh, precision=precision(config),
+                                  together=config.eval.together)
             accuracies = [result.test_accuracy for result in trained]
             for seed, accuracy in zip(seeds, accuracies):
                 say(f"{method} ipc={ipc} {model_name} {mode} seed={seed}: {accuracy:.2f}%")

@@ -74,8 +74,8 @@ def train(model: nn.Module, spec, source: Source, workdir: str, *, seed: int,
 
 def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source | None = None,
                 teacher: Teacher | None = None, stored_targets: np.ndarray | None = None, verbose: bool = True,
-                config_key: str = "", mesh: Mesh | None = None,
-                precision: Precision = Precision()) -> list[TrainResult]:
+                config_key: str = "", mesh: Mesh | None = None, precision: Precision = Precision(),
+                together: str = "auto") -> list[TrainResult]:
     """Trains several runs of one model and recipe in one program, and tests each.
 
     The runs (e.g. the seeds of one evaluation) share ``model``, ``spec`` and the number of
@@ -86,6 +86,11 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
     different steps are trained in turn, each group from its own step.
 
     ``precision``: the step's compute dtype and matmul precision (`Precision`; float32 by default).
+
+    ``together``: ``stack`` (the stacked program above), ``sequence`` (one run after another, all
+    through one compiled step) or ``auto``: stack on GPU/TPU or over several devices, where one
+    small run cannot fill the hardware; in sequence on a single CPU device, where a 3-run stacked
+    step measured 1.2x slower than 3 single steps (`experiments/bench_evaluate.py`).
 
     ``mesh``: the devices to train on (`wmdd_jax.sharding.make_mesh`). The run axis is split over
     them when the number of runs is a multiple of the device count, else the batch axis when the
@@ -126,12 +131,21 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
         else:
             pending.append((i, *prepared))
     starts = [int(p[2].step) for p in pending]  # read now: training donates the states' buffers
-    for start in sorted(set(starts)):
-        group = [p for p, s in zip(pending, starts) if s == start]
+    if together not in ("auto", "stack", "sequence"):
+        raise ValueError(f"together must be auto, stack or sequence, got {together!r}")
+    if together == "auto":
+        several = mesh is not None and mesh.size > 1
+        together = "stack" if several or jax.default_backend() != "cpu" else "sequence"
+    groups = [(start, [p for p, s in zip(pending, starts) if s == start]) for start in sorted(set(starts))]
+    if together == "sequence":
+        groups = [(start, [p]) for start, group in groups for p in group]
+    compiled: dict = {}  # one jitted step for the runs trained one after another
+    for start, group in groups:
         trained = _train_together(model, spec, tx, [p[1] for p in group], [p[2] for p in group],
-                                  [p[3] for p in group], start, batch_size, total_steps, test_source=test_source,
-                                  teacher=teacher, stored_targets=stored_targets, verbose=verbose,
-                                  config_key=config_key, mesh=mesh, precision=precision)
+                                  [p[3] for p in group], start, batch_size, total_steps,
+                                  test_source=test_source, teacher=teacher, stored_targets=stored_targets,
+                                  verbose=verbose, config_key=config_key, mesh=mesh, precision=precision,
+                                  compiled=compiled)
         for p, result in zip(group, trained):
             results[p[0]] = result
     return results
@@ -162,16 +176,20 @@ def _prepare(model, spec, tx, run: Run, n: int, stored: bool, precision: Precisi
 
 
 def _train_together(model, spec, tx, runs, states, managers, start, batch_size, total_steps, *, test_source,
-                    teacher, stored_targets, verbose, config_key, mesh, precision) -> list[TrainResult]:
-    """Steps ``runs`` (all at step ``start``) to the end together; writes each one's files."""
+                    teacher, stored_targets, verbose, config_key, mesh, precision, compiled) -> list[TrainResult]:
+    """Steps ``runs`` (all at step ``start``) to the end together; writes each one's files.
+
+    ``compiled``: jitted steps by layout, reused by the next group of the same layout."""
     stacked = len(runs) > 1
     source = runs[0].source
     mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
     layout = placement.BatchLayout(mesh, len(runs) if stacked else None, batch_size)
-    step_fn = make_train_step(model, tx, spec, mean, std, teacher, stacked=stacked,
-                              out_shardings=None if layout.mode == "single" else (layout.state_sharding,
-                                                                                  layout.replicated),
-                              precision=precision)
+    key = (len(runs), layout.mode, layout.mesh)
+    if key not in compiled:
+        compiled[key] = make_train_step(model, tx, spec, mean, std, teacher, stacked=stacked,
+                                        out_shardings=None if layout.mode == "single" else
+                                        (layout.state_sharding, layout.replicated), precision=precision)
+    step_fn = compiled[key]
     state = layout.put_state(placement.stack(states) if stacked else states[0])
     teacher_vars = layout.put_replicated(teacher.variables) if teacher is not None else None
     n = len(source)

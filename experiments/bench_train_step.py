@@ -61,7 +61,7 @@ import optax  # noqa: E402
 
 from wmdd_jax.results import code_commit  # noqa: E402
 from wmdd_jax.models.convnet import ConvNet3  # noqa: E402
-from wmdd_jax.models.layers import BN_STATS, collect_bn_moments, pooled_moments  # noqa: E402
+from wmdd_jax.models.norms import BN_STATS, collect_bn_moments, pooled_moments  # noqa: E402
 
 NUM_CLASSES, WIDTH, IMAGE = 10, 128, (28, 28, 1)
 LR, MOMENTUM, BN_WEIGHT = 0.01, 0.9, 1.0

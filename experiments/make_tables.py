@@ -208,7 +208,7 @@ def evaluate_table(rows: list[dict]) -> str:
     """The evaluate stage's students: one at a time, stacked, and PyTorch (experiments/bench_evaluate.py)."""
     if not rows:
         return ""
-    order = {"before": 0, "after": 1, "pytorch": 2}
+    order = {"before": 0, "after": 1, "stacked": 2, "pytorch": 3}
     rows = sorted(rows, key=lambda r: (r["devices"], r["ipc"], r["epochs"], order.get(r["variant"], 3)))
     lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
              "| warm student steps/s | MiB per device | test accuracy % (per seed) |",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wmdd_jax.models import layers
+from wmdd_jax.models import layers, norms
 
 RTOL = 1e-4  # relative to the largest magnitude of the reference
 
@@ -128,7 +128,7 @@ def reference_norm(x, scale, bias, axes, eps=1e-5):
 
 def test_instance_norm_matches_reference():
     x = normal(8, (3, 5, 4, 6), 3.0, 2.0)
-    norm = layers.InstanceNorm()
+    norm = norms.InstanceNorm()
     scale = jnp.linspace(0.5, 1.5, 6)
     bias = jnp.linspace(-1.0, 1.0, 6)
     variables = {"params": {"scale": scale, "bias": bias}}
@@ -137,7 +137,7 @@ def test_instance_norm_matches_reference():
 
 def test_batch_norm_train_matches_reference_and_updates_like_pytorch():
     x = normal(9, (4, 3, 5, 6), 2.0, -1.0)
-    bn = layers.BatchNorm(use_running_average=False, momentum=0.1)
+    bn = norms.BatchNorm(use_running_average=False, momentum=0.1)
     variables = bn.init(jax.random.PRNGKey(0), x)
     y, state = bn.apply(variables, x, mutable=["batch_stats"])
     assert_close(y, reference_norm(x, np.ones(6), np.zeros(6), (0, 1, 2)))
@@ -163,21 +163,21 @@ def test_normalize_gradients_match_autodiff(axes):
         out, vjp = jax.vjp(f, x, scale, bias)
         return out + vjp(cotangents)
 
-    got = outputs_and_grads(lambda *a: layers._normalize(*a, axes, 1e-5), x, scale, bias)
+    got = outputs_and_grads(lambda *a: norms._normalize(*a, axes, 1e-5), x, scale, bias)
     for a, b in zip(got, outputs_and_grads(textbook, x, scale, bias)):
         assert_close(a, b)
 
 
 def test_batch_norm_sows_per_sample_moments():
     x = normal(16, (3, 4, 4, 5), shift=1.0)
-    bn = layers.BatchNorm(use_running_average=True)
+    bn = norms.BatchNorm(use_running_average=True)
     variables = bn.init(jax.random.PRNGKey(0), x)
-    _, state = bn.apply(variables, x, mutable=[layers.BN_STATS])
-    (mean, var), = layers.collect_bn_moments(state).values()
+    _, state = bn.apply(variables, x, mutable=[norms.BN_STATS])
+    (mean, var), = norms.collect_bn_moments(state).values()
     x64 = np.asarray(x, np.float64)
     assert_close(mean, x64.mean(axis=(1, 2)))
     assert_close(var, x64.var(axis=(1, 2)))
-    mu, sigma2 = layers.pooled_moments(mean, var)
+    mu, sigma2 = norms.pooled_moments(mean, var)
     assert_close(mu, x64.mean(axis=(0, 1, 2)))
     assert_close(sigma2, x64.var(axis=(0, 1, 2)))
 

@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 
 from wmdd_jax.models.convnet import ConvNet, ConvNet3, ConvNet4
-from wmdd_jax.models.layers import BN_STATS, BatchNorm, InstanceNorm, collect_bn_moments, pooled_moments
+from wmdd_jax.models.norms import BN_STATS, BatchNorm, InstanceNorm, collect_bn_moments, pooled_moments
 from wmdd_jax.models.resnet import ResNet, ResNet18
 
 

@@ -16,7 +16,8 @@ import functools
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv, avg_pool2, make_norm
+from wmdd_jax.models.layers import Conv, avg_pool2
+from wmdd_jax.models.norms import make_norm
 
 
 class ConvNet(nn.Module):

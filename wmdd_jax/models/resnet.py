@@ -8,7 +8,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import BatchNorm, Conv
+from wmdd_jax.models.layers import Conv
+from wmdd_jax.models.norms import BatchNorm
 
 
 class BasicBlock(nn.Module):

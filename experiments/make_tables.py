@@ -214,10 +214,10 @@ def evaluate_table(rows: list[dict]) -> str:
              "| warm student steps/s | MiB per device | test accuracy % (per seed) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        warm = r.get("warm_student_steps_per_s")
+        warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
         mib = r.get("per_device_mib")
         lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {r['variant']} "
-                     f"| {r['wall_s']:.0f} | {r['speedup_vs_pytorch']:.2f} | {'' if warm is None else f'{warm:.1f}'} "
+                     f"| {r['wall_s']:.0f} | {'' if speedup is None else f'{speedup:.2f}'} | {'' if warm is None else f'{warm:.1f}'} "
                      f"| {'' if mib is None else f'{mib:.0f}'} | {_pm(dict(r, n_seeds=len(r['accuracies'])))} "
                      f"({', '.join(f'{v:.2f}' for v in r['accuracies'])}) |")
     return "\n".join(lines)

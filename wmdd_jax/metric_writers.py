@@ -5,7 +5,7 @@ JSON lines (``metrics.jsonl``, read by the code and the tests) and as TensorBoar
 the same folder (``tensorboard --logdir WORKDIR`` shows every run of a work directory).
 
 `EventFileWriter` has the methods of ``clu.metric_writers.MetricWriter`` that we use
-(``write_scalars``, ``write_hparams``, ``flush``, ``close``), so a clu writer can stand in for it.
+(``write_scalars``, ``flush``, ``close``), so a clu writer can stand in for it.
 It is not a clu class: ``clu.metric_writers`` (0.0.12, the latest) imports TensorFlow when the
 package loads, and TensorFlow stays optional here; the ``tensorboard`` package alone writes the
 event protocol. Only process 0 writes.
@@ -14,7 +14,7 @@ event protocol. Only process 0 writes.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -24,7 +24,7 @@ from wmdd_jax.sharding import process_index
 
 
 class EventFileWriter:
-    """Scalars (and numeric hyperparameters, as scalars under ``hparams/``) into one event file."""
+    """Scalars into one event file."""
 
     def __init__(self, logdir: str):
         self._events = _Events(logdir) if process_index() == 0 else None
@@ -33,11 +33,6 @@ class EventFileWriter:
         if self._events is not None:
             values = [Summary.Value(tag=key, simple_value=float(value)) for key, value in scalars.items()]
             self._events.add_event(Event(step=int(step), wall_time=time.time(), summary=Summary(value=values)))
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        numbers = {f"hparams/{k}": v for k, v in hparams.items() if isinstance(v, (int, float, bool))}
-        if numbers:
-            self.write_scalars(0, numbers)
 
     def flush(self) -> None:
         if self._events is not None:

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from wmdd_jax.sharding import put
+
 
 def stack(trees: list) -> Any:
     """One tree whose leaves are the leaves of ``trees`` stacked on a new leading axis."""
@@ -72,14 +74,14 @@ class BatchLayout:
         return PartitionSpec()
 
     def put_state(self, tree: Any) -> Any:
-        return tree if self.mode == "single" else _put(tree, self.state_sharding)
+        return tree if self.mode == "single" else put(tree, self.state_sharding)
 
     def put_replicated(self, tree: Any) -> Any:
-        return tree if self.mode == "single" else _put(tree, self.replicated)
+        return tree if self.mode == "single" else put(tree, self.replicated)
 
     def put_runs(self, x: np.ndarray) -> Any:
         """A per-run host array (e.g. the data seeds), laid like the runs' states."""
-        return x if self.mode == "single" else _put(x, self.state_sharding)
+        return x if self.mode == "single" else put(x, self.state_sharding)
 
     def load(self, runs: list, weights: list[np.ndarray],
              indices: Callable[[Any], np.ndarray]) -> tuple[Any, Any, Any]:
@@ -116,12 +118,6 @@ class BatchLayout:
         if self.mode in ("single", "replicated"):
             return tree
         return jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
-
-
-def _put(tree: Any, sharding: NamedSharding) -> Any:
-    """Every process passes the same values; each device gets its part."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                                               lambda index: np.asarray(x)[index]), tree)
 
 
 def _local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:

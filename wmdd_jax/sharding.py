@@ -131,11 +131,15 @@ def class_array(mesh: Mesh, num_classes: int, per_class: Callable[[int], np.ndar
     return jax.make_array_from_callback((C_pad, *row_shape), class_sharding(mesh), callback)
 
 
-def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Every process passes the same host values; each device gets a whole copy."""
-    sharding = replicated(mesh)
+def put(tree: Any, sharding: NamedSharding) -> Any:
+    """Every process passes the same host values; each device gets its part under ``sharding``."""
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                                                lambda index: np.asarray(x)[index]), tree)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Every process passes the same host values; each device gets a whole copy."""
+    return put(tree, replicated(mesh))
 
 
 def tree_shardings(tree: Any, mesh: Mesh, num_padded: int) -> Any:

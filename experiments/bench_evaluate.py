@@ -40,11 +40,15 @@ stacked step compiled for the same shapes and mesh, per device (``per_device_mib
 same for one unstacked student), and ``max_abs_weight_diff_vs_before``: the largest difference
 between a seed's final weights trained alone and trained stacked.
 
+``--dtype bfloat16`` trains the JAX students in bfloat16 (`config.dtype`; parameters, optimizer
+state and norm statistics stay float32); their rows carry ``dtype``. On a CPU bfloat16 is emulated:
+compare accuracies with the float32 rows, not times.
+
 ``--simulate-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax
 starts; the JAX variants then train on ``make_mesh(config.mesh)`` of N devices (sharing the CPU's
 cores: this tests the layout, it is no speed-up). Rows carry ``devices`` (the PyTorch row too, which
 ignores it). One JSON line per (ipc, variant) goes to ``--out`` (a rerun with the same benchmark,
-ipc, variant, devices, epochs and machine replaces its row).
+ipc, variant, devices, epochs, machine and dtype replaces its row).
 
 Usage (from the repository root):
   python experiments/bench_evaluate.py                                  # IPC 10 and 50, 30 epochs
@@ -81,6 +85,9 @@ def parse_args(argv):
     p.add_argument("--simulate-devices", type=int, default=None,
                    help="N host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="config.dtype of the JAX students (bfloat16 rows carry dtype; on a CPU bfloat16 "
+                        "is emulated: its accuracy says what it changes, its time nothing of an accelerator)")
     p.add_argument("--teacher", default=os.path.join(ROOT, "experiments", "teachers", "fashion_mnist_convnet3_bn"))
     p.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
                    help="'tuned' applies wmdd_jax.host.tune_host_allocator() before jax starts, as "
@@ -139,6 +146,7 @@ def setup():
     config = fashion_mnist.get_config()
     config.teacher.checkpoint = ARGS.teacher
     config.eval.source = "random_real"
+    config.dtype = ARGS.dtype
     spec = config.eval.soft.copy_and_resolve_references()
     with spec.unlocked():
         spec.model = "convnet3"
@@ -450,12 +458,14 @@ def main():
                 row["augment"] = "per batch: affine_grid + grid_sample (bilinear), per-image boxes and flips"
             else:
                 row["conv_impl"] = config.conv_impl
+                if ARGS.dtype != "float32":
+                    row["dtype"] = ARGS.dtype
             row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], command=command,
                        date=datetime.date.today().isoformat())
             if commit is not None:
                 row["code_commit"] = commit()
             results.upsert_jsonl(ARGS.out, row,
-                                 keys=("benchmark", "ipc", "variant", "devices", "epochs", "machine"))
+                                 keys=("benchmark", "ipc", "variant", "devices", "epochs", "machine", "dtype"))
             table.append(row)
 
     print()

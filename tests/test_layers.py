@@ -65,16 +65,18 @@ def test_im2col_conv_matches_lax_conv(shape, k, stride, padding):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape,padding", [
-    ((2, 14, 14, 16), 1),   # even map: whole 2x2 tiles
+    ((2, 16, 16, 16), 1),   # whole 2x2 and 4x4 tiles
     ((3, 7, 7, 8), 1),      # odd map: the last tile is cropped
+    ((2, 10, 6, 8), 1),     # 4x4 tiles: the last row of tiles half cropped
     ((2, 9, 6, 8), 0),
     ((2, 5, 8, 8), 2),
     ((1, 1, 1, 8), 1),
 ])
-def test_winograd_conv_matches_lax_conv(shape, padding):
+def test_winograd_conv_matches_lax_conv(shape, padding, tile):
     x, kernel = normal(2, shape, shift=0.5), normal(3, (3, 3, shape[-1], 5))
-    got = value_and_grads(lambda a, b: layers.winograd_conv(a, b, padding), x, kernel)
+    got = value_and_grads(lambda a, b: layers.winograd_conv(a, b, padding, tile), x, kernel)
     want = value_and_grads(lambda a, b: lax_conv(a, b, 1, padding), x, kernel)
     for a, b in zip(got, want):
         assert_close(a, b)
@@ -133,6 +135,35 @@ def test_instance_norm_matches_reference():
     bias = jnp.linspace(-1.0, 1.0, 6)
     variables = {"params": {"scale": scale, "bias": bias}}
     assert_close(norm.apply(variables, x), reference_norm(x, scale, bias, (1, 2)))
+
+
+@pytest.mark.parametrize("shape,stride,padding", [
+    ((3, 28, 28, 1), 1, 3),   # DC's first layer for 1-channel images
+    ((2, 9, 7, 3), 1, 1),     # 3 channels (27 patch values), odd, non-square
+    ((2, 10, 10, 2), 2, 1),   # strided
+])
+def test_conv_instance_norm_equals_the_norm_of_the_convolution(shape, stride, padding):
+    """The fused first block (`conv_instance_norm`) against InstanceNorm(lax.conv(x) + bias): outputs and
+    the gradients to the input, kernel, scale and bias; the convolution's bias has none in either form."""
+    x, kernel = normal(10, shape, 2.0, 0.5), normal(11, (3, 3, shape[-1], 7))
+    scale, bias, conv_bias = normal(12, (7,), 0.3, 1.0), normal(13, (7,)), normal(14, (7,))
+    g = normal(15, jax.eval_shape(lambda: lax_conv(x, kernel, stride, padding)).shape)
+
+    def unfused(x, kernel, scale, bias, conv_bias):
+        variables = {"params": {"scale": scale, "bias": bias}}
+        return norms.InstanceNorm().apply(variables, lax_conv(x, kernel, stride, padding) + conv_bias)
+
+    def fused(x, kernel, scale, bias, conv_bias):
+        return norms.conv_instance_norm(x, kernel, stride, padding, scale, bias)
+
+    def run(f):
+        return jax.jit(lambda *a: (lambda y, vjp: (y,) + vjp(g))(*jax.vjp(f, *a)))(x, kernel, scale, bias, conv_bias)
+
+    got, want = run(fused), run(unfused)
+    for a, b in zip(got[:-1], want[:-1]):
+        assert_close(a, b)
+    assert np.all(np.asarray(got[-1]) == 0)
+    assert float(np.abs(want[-1]).max()) < 1e-3 * float(np.abs(want[1]).max())  # round-off only
 
 
 def test_batch_norm_train_matches_reference_and_updates_like_pytorch():

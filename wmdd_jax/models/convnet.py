@@ -16,8 +16,8 @@ import functools
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv, avg_pool2
-from wmdd_jax.models.norms import make_norm
+from wmdd_jax.models.layers import Conv, avg_pool2, folds_into_instance_norm
+from wmdd_jax.models.norms import InstanceNorm, make_norm
 
 
 class ConvNet(nn.Module):
@@ -36,10 +36,15 @@ class ConvNet(nn.Module):
             padding = 1
             if i == 0:
                 padding = self.first_padding if self.first_padding >= 0 else (3 if x.shape[-1] == 1 else 1)
-            x = Conv(self.width, 3, 1, padding, conv_impl=self.conv_impl, name=f"conv{i}")(x)
+            conv = Conv(self.width, 3, 1, padding, conv_impl=self.conv_impl, name=f"conv{i}")
             norm = make_norm(self.norm, train, name=f"norm{i}")
-            if norm is not None:
-                x = norm(x)
+            if isinstance(norm, InstanceNorm) and folds_into_instance_norm(conv, x.shape[-1]):
+                kernel, _ = conv(x, weights_only=True)  # the bias drops out of the norm
+                x = norm(x, conv=(kernel, conv.stride, conv.padding))
+            else:
+                x = conv(x)
+                if norm is not None:
+                    x = norm(x)
             x = nn.relu(x)
             x = avg_pool2(x)
         features = x.reshape(x.shape[0], -1)

@@ -22,9 +22,9 @@ def resolve_conv_impl(impl: str) -> str:
 
     XLA's CPU convolution runs at about half PyTorch's speed on small images,
     while batched matrix products reach the CPU's matmul peak: ``"winograd"``
-    (3x3 stride-1 kernels, 2.25x fewer multiplies than im2col; other kernels
-    fall back to im2col) is the CPU default. On GPU and TPU ``lax.conv`` is the
-    fast path.
+    (3x3 stride-1 kernels by Winograd F(4x4, 3x3), 4x fewer multiplies than
+    im2col; other kernels fall back to im2col) is the CPU default. On GPU and
+    TPU ``lax.conv`` is the fast path.
     """
     if impl == "auto":
         return "winograd" if jax.default_backend() == "cpu" else "lax"
@@ -34,7 +34,7 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def _patches(x: Array, kh: int, kw: int, stride: int, padding: int) -> Array:
+def patches(x: Array, kh: int, kw: int, stride: int, padding: int) -> Array:
     """[n, h, w, c] -> [n, h_out, w_out, kh * kw * c], channel order (i, j, c)."""
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -59,112 +59,151 @@ def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
       ``lax.conv_general_dilated`` with symmetric ``padding`` and ``stride``.
     """
     kh, kw, cin, cout = kernel.shape
-    return jnp.dot(_patches(x, kh, kw, stride, padding), kernel.reshape(kh * kw * cin, cout))
+    return jnp.dot(patches(x, kh, kw, stride, padding), kernel.reshape(kh * kw * cin, cout))
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 output tile of a 3x3
-# correlation is A^T [(G k G^T) * (B^T d B)] A for the 4x4 input tile d, so the
-# 36 multiplies per tile and channel pair become 16, done as 16 matmuls
-# [tiles, c_in] @ [c_in, c_out]. The transforms only add and halve, so the
-# result matches direct convolution to float32 rounding (~1e-6 relative).
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Winograd F(m x m, 3x3) (Lavin & Gray 2016): an m x m output tile of a 3x3 correlation is
+# A^T [(G k G^T) * (B^T d B)] A for the (m+2) x (m+2) input tile d, so the 9 m^2 multiplies per tile
+# and channel pair become (m+2)^2, done as (m+2)^2 matmuls [tiles, c_in] @ [c_in, c_out].
+# m = 2 (points 0, +-1, inf): 2.25x fewer multiplies than direct convolution, transforms that only
+# add and halve. m = 4 (points 0, +-1, +-2, inf): 4x fewer, and 2.25x (not 4x) the input's size in
+# the transformed domain; its transforms scale by up to 8, so its rounding is larger, still
+# ~1e-6 relative in float32 (tests/test_layers.py bounds both against lax.conv).
+_WINOGRAD = {
+    2: dict(
+        BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        G=((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+        AT=((1, 1, 1, 0), (0, 1, -1, -1)),
+    ),
+    4: dict(
+        BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+            (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        G=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+           (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    ),
+}
 
 
-def _bt_rows(r):
-    """B^T applied along a list of 4 slices: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
-    return [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
+def _combine(coefficients, terms):
+    """sum_i coefficients[i] * terms[i], skipping zeros (the transforms are sparse, small integers)."""
+    out = None
+    for c, t in zip(coefficients, terms):
+        if c == 0:
+            continue
+        t = t if c == 1 else -t if c == -1 else c * t
+        out = t if out is None else out + t
+    return out
 
 
-def _winograd_input(xp: Array, th: int, tw: int) -> Array:
-    """Padded [n, 2th+2, 2tw+2, c] -> [16, n*th*tw, c], B^T d B of every 4x4 tile."""
+def _winograd_input(xp: Array, th: int, tw: int, m: int) -> Array:
+    """Padded [n, m th + 2, m tw + 2, c] -> [(m+2)^2, n th tw, c], B^T d B of every input tile."""
     n, c = xp.shape[0], xp.shape[-1]
-    # Rows first, materialised as one [4, ...] array: XLA emits two simple
-    # fusions, much faster than one fusion with 16 outputs of 4 strided reads each.
-    rows = jnp.stack(_bt_rows([xp[:, i : i + 2 * th : 2] for i in range(4)]))
-    v = jnp.stack(_bt_rows([rows[:, :, :, j : j + 2 * tw : 2] for j in range(4)]), axis=1)
-    return v.reshape(16, n * th * tw, c)
+    bt = _WINOGRAD[m]["BT"]
+    a = m + 2
+    # Rows first, materialised as one [a, ...] array: XLA emits two simple fusions,
+    # much faster than one fusion with a^2 outputs of a strided reads each.
+    rows = [xp[:, i : i + m * th : m] for i in range(a)]
+    rows = jnp.stack([_combine(b, rows) for b in bt])
+    cols = [rows[:, :, :, j : j + m * tw : m] for j in range(a)]
+    v = jnp.stack([_combine(b, cols) for b in bt], axis=1)
+    return v.reshape(a * a, n * th * tw, c)
 
 
-def _winograd_output(m: Array, n: int, th: int, tw: int) -> Array:
-    """[16, n*th*tw, c] -> [n, 2th, 2tw, c], A^T m A of every tile."""
-    c = m.shape[-1]
-    m = m.reshape(4, 4, n, th, tw, c)
-    rows = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
-    y = jnp.stack([jnp.stack([t[0] + t[1] + t[2], t[1] - t[2] - t[3]]) for t in rows])
-    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, c)
+def _output_matrix(m: int, dtype) -> Array:
+    """A^T (x) A^T: [m^2, (m+2)^2], the output transform of a tile as one matrix."""
+    at = jnp.asarray(_WINOGRAD[m]["AT"], dtype)
+    return jnp.einsum("ai,bj->abij", at, at).reshape(m * m, (m + 2) ** 2)
 
 
-def _winograd_output_transpose(g: Array, th: int, tw: int) -> Array:
-    """Adjoint of `_winograd_output`: [n, 2th, 2tw, c] -> [16, n*th*tw, c]."""
+def _winograd_output(y: Array, n: int, th: int, tw: int, m: int) -> Array:
+    """[(m+2)^2, n th tw, c] -> [n, m th, m tw, c], A^T y A of every tile.
+
+    One matmul with the [m^2, (m+2)^2] transform: written as sums of slices, XLA's CPU fusions
+    merged it into its consumers and recomputed its terms per element (4x slower for m = 4).
+    """
+    c = y.shape[-1]
+    out = jnp.einsum("ot,tnc->onc", _output_matrix(m, y.dtype), y).reshape(m, m, n, th, tw, c)
+    return out.transpose(2, 3, 0, 4, 1, 5).reshape(n, m * th, m * tw, c)
+
+
+def _winograd_output_transpose(g: Array, th: int, tw: int, m: int) -> Array:
+    """Adjoint of `_winograd_output`: [n, m th, m tw, c] -> [(m+2)^2, n th tw, c]."""
     n, c = g.shape[0], g.shape[-1]
-    q = [[g[:, i::2, j::2] for j in range(2)] for i in range(2)]
-    # Columns of A^T: (1, 0), (1, 1), (1, -1), (0, -1).
-    at = lambda a, b: [a, a + b, a - b, -b]  # noqa: E731
-    rows = [at(q[0][j], q[1][j]) for j in range(2)]  # rows[j][r]
-    out = [v for r in range(4) for v in at(rows[0][r], rows[1][r])]
-    return jnp.stack(out).reshape(16, n * th * tw, c)
+    q = g.reshape(n, th, m, tw, m, c).transpose(2, 4, 0, 1, 3, 5).reshape(m * m, n * th * tw, c)
+    return jnp.einsum("ot,onc->tnc", _output_matrix(m, g.dtype), q)
 
 
-def _winograd_kernel(kernel: Array) -> Array:
-    """[3, 3, c_in, c_out] -> [16, c_in, c_out], G k G^T."""
-    g = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    return jnp.einsum("ai,bj,ijcd->abcd", g, g, kernel).reshape(16, *kernel.shape[2:])
+def _winograd_kernel(kernel: Array, m: int) -> Array:
+    """[3, 3, c_in, c_out] -> [(m+2)^2, c_in, c_out], G k G^T."""
+    g = jnp.asarray(_WINOGRAD[m]["G"], kernel.dtype)
+    return jnp.einsum("ai,bj,ijcd->abcd", g, g, kernel).reshape((m + 2) ** 2, *kernel.shape[2:])
 
 
-def _winograd_geometry(h: int, w: int, padding: int):
+def _winograd_geometry(h: int, w: int, padding: int, m: int):
     h_out, w_out = h + 2 * padding - 2, w + 2 * padding - 2
-    return h_out, w_out, -(-h_out // 2), -(-w_out // 2)
+    return h_out, w_out, -(-h_out // m), -(-w_out // m)
 
 
-def _winograd_tiles(x: Array, padding: int) -> Array:
+def winograd_tile(h: int, w: int, padding: int) -> int:
+    """The output tile m of a 3x3 convolution: 4 (fewest multiplies), 2 for maps of 2 or fewer
+    rows or columns, where a 4x4 tile would be mostly padding."""
+    h_out, w_out = h + 2 * padding - 2, w + 2 * padding - 2
+    return 4 if min(h_out, w_out) > 2 else 2
+
+
+def _winograd_tiles(x: Array, padding: int, m: int) -> Array:
     n, h, w, c = x.shape
-    _, _, th, tw = _winograd_geometry(h, w, padding)
+    _, _, th, tw = _winograd_geometry(h, w, padding, m)
     # Bottom/right padding completes the last tile (lax.pad accepts negative amounts).
-    cfg = ((0, 0, 0), (padding, 2 * th + 2 - h - padding, 0), (padding, 2 * tw + 2 - w - padding, 0), (0, 0, 0))
-    return _winograd_input(jax.lax.pad(x, jnp.zeros((), x.dtype), cfg), th, tw)
+    cfg = ((0, 0, 0), (padding, m * th + 2 - h - padding, 0), (padding, m * tw + 2 - w - padding, 0), (0, 0, 0))
+    return _winograd_input(jax.lax.pad(x, jnp.zeros((), x.dtype), cfg), th, tw, m)
 
 
-def _winograd_apply(x: Array, u: Array, padding: int) -> tuple[Array, Array]:
+def _winograd_apply(x: Array, u: Array, padding: int, m: int) -> tuple[Array, Array]:
     n, h, w, _ = x.shape
-    h_out, w_out, th, tw = _winograd_geometry(h, w, padding)
-    v = _winograd_tiles(x, padding)
-    m = jnp.einsum("tnc,tcd->tnd", v, u)
-    return _winograd_output(m, n, th, tw)[:, :h_out, :w_out], v
+    h_out, w_out, th, tw = _winograd_geometry(h, w, padding, m)
+    v = _winograd_tiles(x, padding, m)
+    y = jnp.einsum("tnc,tcd->tnd", v, u)
+    return _winograd_output(y, n, th, tw, m)[:, :h_out, :w_out], v
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def winograd_conv(x: Array, kernel: Array, padding: int = 1) -> Array:
-    """3x3 stride-1 convolution by Winograd F(2x2, 3x3).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def winograd_conv(x: Array, kernel: Array, padding: int = 1, tile: int | None = None) -> Array:
+    """3x3 stride-1 convolution by Winograd F(m x m, 3x3).
 
     Args:
       x: [n, h, w, c_in] input.
       kernel: [3, 3, c_in, c_out].
       padding: symmetric zero padding, 0, 1 or 2.
+      tile: the output tile m, 2 or 4; None: `winograd_tile`.
     Returns:
       [n, h + 2 padding - 2, w + 2 padding - 2, c_out], equal to
       ``lax.conv_general_dilated`` up to float32 rounding.
     """
-    return _winograd_apply(x, _winograd_kernel(kernel), padding)[0]
+    return _winograd_conv_fwd(x, kernel, padding, tile)[0]
 
 
-def _winograd_conv_fwd(x, kernel, padding):
-    y, v = _winograd_apply(x, _winograd_kernel(kernel), padding)
+def _winograd_conv_fwd(x, kernel, padding, tile):
+    m = tile or winograd_tile(x.shape[1], x.shape[2], padding)
+    y, v = _winograd_apply(x, _winograd_kernel(kernel, m), padding, m)
     return y, (v, kernel)
 
 
-def _winograd_conv_bwd(padding, res, g):
+def _winograd_conv_bwd(padding, tile, res, g):
     v, kernel = res
     n, h_out, w_out, _ = g.shape
-    th, tw = -(-h_out // 2), -(-w_out // 2)
+    m = tile or winograd_tile(h_out + 2 - 2 * padding, w_out + 2 - 2 * padding, padding)
+    th, tw = -(-h_out // m), -(-w_out // m)
     # Kernel gradient in the Winograd domain: reuses the saved input tiles.
-    gp = jnp.pad(g, ((0, 0), (0, 2 * th - h_out), (0, 2 * tw - w_out), (0, 0)))
-    du = jnp.einsum("tnc,tnd->tcd", v, _winograd_output_transpose(gp, th, tw))
-    gt = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    dkernel = jnp.einsum("ai,bj,abcd->ijcd", gt, gt, du.reshape(4, 4, *du.shape[1:]))
+    gp = jnp.pad(g, ((0, 0), (0, m * th - h_out), (0, m * tw - w_out), (0, 0)))
+    du = jnp.einsum("tnc,tnd->tcd", v, _winograd_output_transpose(gp, th, tw, m))
+    gt = jnp.asarray(_WINOGRAD[m]["G"], kernel.dtype)
+    dkernel = jnp.einsum("ai,bj,abcd->ijcd", gt, gt, du.reshape(m + 2, m + 2, *du.shape[1:]))
     # Input gradient: the full correlation of g with the flipped, transposed
     # kernel, itself a 3x3 stride-1 convolution (no scatter of 9 slices).
     kflip = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _winograd_apply(g, _winograd_kernel(kflip), 2 - padding)[0]
+    dx = winograd_conv(g, kflip, 2 - padding, tile)
     return dx, dkernel
 
 
@@ -188,10 +227,15 @@ class Conv(nn.Module):
     kernel_init: Any = nn.initializers.kaiming_normal()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, weights_only: bool = False):
+        """The convolution of ``x``; with ``weights_only`` its (kernel, bias or None) for ``x``'s
+        channels instead (`conv_instance_norm` applies them itself)."""
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         kernel = kernel.astype(x.dtype)
+        if weights_only:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+            return kernel, bias
         impl = resolve_conv_impl(self.conv_impl)
         if impl == "winograd" and _use_winograd(k, self.stride, self.padding, x.shape[-1]):
             y = winograd_conv(x, kernel, self.padding)
@@ -208,6 +252,13 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y
+
+
+def folds_into_instance_norm(conv: Conv, channels: int) -> bool:
+    """Whether `conv_instance_norm` computes ``InstanceNorm(conv(x))`` for ``channels``-channel inputs:
+    a CPU choice (the ``im2col`` / ``winograd`` implementations) for narrow patches (the first layer
+    of a 1- or 3-channel image), where it saves passes over the widest activation of the network."""
+    return resolve_conv_impl(conv.conv_impl) != "lax" and conv.kernel_size ** 2 * channels <= 32
 
 
 def avg_pool2(x: Array) -> Array:

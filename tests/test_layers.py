@@ -166,6 +166,39 @@ def test_conv_instance_norm_equals_the_norm_of_the_convolution(shape, stride, pa
     assert float(np.abs(want[-1]).max()) < 1e-3 * float(np.abs(want[1]).max())  # round-off only
 
 
+def test_conv_batch_norm_equals_batch_norm_of_the_convolution():
+    """The fused first block in training mode (`conv_batch_norm`) against BatchNorm(lax.conv(x) + bias):
+    outputs, the batch statistics the running averages take (the bias in the mean) and the gradients;
+    the convolution's bias gets none in either form."""
+    x, kernel = normal(16, (4, 9, 8, 1), 2.0, 0.5), normal(17, (3, 3, 1, 6))
+    scale, bias, conv_bias = normal(18, (6,), 0.3, 1.0), normal(19, (6,)), normal(20, (6,))
+    g = normal(21, (4, 11, 10, 6))
+    variables = {"batch_stats": {"mean": normal(22, (6,)), "var": normal(23, (6,), 0.1, 1.0) ** 2}}
+
+    def unfused(x, kernel, scale, bias, conv_bias):
+        v = dict(variables, params={"scale": scale, "bias": bias})
+        return norms.BatchNorm().apply(v, lax_conv(x, kernel, 1, 2) + conv_bias, mutable=["batch_stats"])
+
+    def fused(x, kernel, scale, bias, conv_bias):
+        v = dict(variables, params={"scale": scale, "bias": bias})
+        return norms.BatchNorm().apply(v, x, conv=(kernel, conv_bias, 1, 2), mutable=["batch_stats"])
+
+    def run(f):
+        def with_grads(*a):
+            (y, stats), vjp = jax.vjp(f, *a)
+            return (y, stats) + vjp((g, jax.tree.map(jnp.zeros_like, stats)))
+        return jax.jit(with_grads)(x, kernel, scale, bias, conv_bias)
+
+    got, want = run(fused), run(unfused)
+    assert_close(got[0], want[0])
+    for k in ("mean", "var"):
+        assert_close(got[1]["batch_stats"][k], want[1]["batch_stats"][k])
+    for a, b in zip(got[2:-1], want[2:-1]):
+        assert_close(a, b)
+    assert np.all(np.asarray(got[-1]) == 0)
+    assert float(np.abs(want[-1]).max()) < 1e-3 * float(np.abs(want[3]).max())  # round-off only
+
+
 def test_batch_norm_train_matches_reference_and_updates_like_pytorch():
     x = normal(9, (4, 3, 5, 6), 2.0, -1.0)
     bn = norms.BatchNorm(use_running_average=False, momentum=0.1)

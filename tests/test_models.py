@@ -124,6 +124,33 @@ def test_conv_implementations_agree(name, kwargs, shape):
                                    atol=1e-4 * np.abs(expected).max(), err_msg=impl)
 
 
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_folded_first_block_trains_like_lax(norm):
+    """A ConvNet on 1-channel images in training mode: the CPU path (the first convolution folded into
+    its norm, Winograd after it) gives lax.conv's logits, parameter gradients and BN running statistics."""
+    shape = (12, 12, 1)
+    models = {impl: create_model("convnet3", 10, conv_impl=impl, norm=norm, width=8) for impl in ("lax", "auto")}
+    variables = random_variables(models["lax"], shape)
+    x, g = normal(2, (3, *shape)), normal(3, (3, 10))
+
+    def run(model):
+        def loss(params):
+            out, upd = model.apply(dict(variables, params=params), x, train=True, mutable=["batch_stats"])
+            return jnp.sum(out * g), (out, upd)
+        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+    (grads, (out, upd)), (ref_grads, (ref_out, ref_upd)) = run(models["auto"]), run(models["lax"])
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-4 * np.abs(ref_out).max())
+    # A convolution's bias before a norm has no effect on the output: the first one's gradient is 0 folded;
+    # the others' are round-off (~1e-6) on both sides, so gradients compare on the scale of the largest.
+    assert np.all(np.asarray(grads["conv0"]["bias"]) == 0)
+    assert bool(jax.tree.leaves(upd)) == (norm == "batch")  # running statistics only for batch norm
+    for tree, ref in ((grads, ref_grads), (upd, ref_upd)):
+        scale = max((float(np.abs(b).max()) for b in jax.tree.leaves(ref)), default=0.0)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale)
+
+
 def test_unknown_model_and_norm_are_errors():
     with pytest.raises(ValueError, match="unknown model"):
         create_model("vgg11", 10)

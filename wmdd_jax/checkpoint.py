@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,9 +18,17 @@ from wmdd_jax.errors import UserError
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """A manager over ``directory`` (made absolute, created when missing)."""
-    return ocp.CheckpointManager(os.path.abspath(directory),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    """A manager over ``directory`` (made absolute, created when missing).
+
+    Its cross-process barriers carry a key of their own (from the folder): the runs trained together
+    (`wmdd_jax.train.train_group`) save through one manager each, concurrently, and on several
+    processes managers that share barrier names wait on each other's saves (a hang, seen on 2 processes).
+    """
+    directory = os.path.abspath(directory)
+    key = hashlib.sha1(directory.encode()).hexdigest()[:12]
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"ckpt{key}")))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
-from wmdd_jax import files, placement
+from wmdd_jax import files, placement, sharding
 from wmdd_jax.data import Source
 from wmdd_jax.errors import UserError
 from wmdd_jax.metric_writers import EventFileWriter
@@ -252,9 +252,11 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
                 bar.set_postfix(loss=f"{float(np.mean(means['loss'])):.3f}",
                                 acc=f"{100 * float(np.mean(means['accuracy'])):.1f}")
             bar.update(1)
-            if (done_steps % int(spec.checkpoint_every_steps) == 0
-                    or time.time() - last_save > float(spec.checkpoint_every_secs)
-                    or done_steps == total_steps):
+            # Time-based saves only at log steps, decided by process 0: a save is collective, so
+            # processes whose clocks crossed the interval at different steps would wait on each other.
+            timed = done_steps % log_every == 0 and sharding.broadcast_flag(
+                time.time() - last_save > float(spec.checkpoint_every_secs))
+            if done_steps % int(spec.checkpoint_every_steps) == 0 or timed or done_steps == total_steps:
                 check_finite(state.params)
                 for i, manager in enumerate(managers):
                     ckpt.save(manager, done_steps, member(state, i))

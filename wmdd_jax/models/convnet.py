@@ -16,8 +16,8 @@ import functools
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv, avg_pool2, folds_into_instance_norm
-from wmdd_jax.models.norms import InstanceNorm, make_norm
+from wmdd_jax.models.layers import Conv, avg_pool2, folds_into_norm
+from wmdd_jax.models.norms import BN_STATS, BatchNorm, InstanceNorm, make_norm
 
 
 class ConvNet(nn.Module):
@@ -38,9 +38,13 @@ class ConvNet(nn.Module):
                 padding = self.first_padding if self.first_padding >= 0 else (3 if x.shape[-1] == 1 else 1)
             conv = Conv(self.width, 3, 1, padding, conv_impl=self.conv_impl, name=f"conv{i}")
             norm = make_norm(self.norm, train, name=f"norm{i}")
-            if isinstance(norm, InstanceNorm) and folds_into_instance_norm(conv, x.shape[-1]):
+            folds = folds_into_norm(conv, x.shape[-1])
+            if folds and isinstance(norm, InstanceNorm):
                 kernel, _ = conv(x, weights_only=True)  # the bias drops out of the norm
                 x = norm(x, conv=(kernel, conv.stride, conv.padding))
+            elif folds and isinstance(norm, BatchNorm) and train and not self.is_mutable_collection(BN_STATS):
+                kernel, bias = conv(x, weights_only=True)  # the bias enters only the running mean
+                x = norm(x, conv=(kernel, bias, conv.stride, conv.padding))
             else:
                 x = conv(x)
                 if norm is not None:

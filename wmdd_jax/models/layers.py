@@ -229,7 +229,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: Array, weights_only: bool = False):
         """The convolution of ``x``; with ``weights_only`` its (kernel, bias or None) for ``x``'s
-        channels instead (`conv_instance_norm` applies them itself)."""
+        channels instead (a norm that folds the convolution in applies them itself)."""
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         kernel = kernel.astype(x.dtype)
@@ -254,10 +254,11 @@ class Conv(nn.Module):
         return y
 
 
-def folds_into_instance_norm(conv: Conv, channels: int) -> bool:
-    """Whether `conv_instance_norm` computes ``InstanceNorm(conv(x))`` for ``channels``-channel inputs:
-    a CPU choice (the ``im2col`` / ``winograd`` implementations) for narrow patches (the first layer
-    of a 1- or 3-channel image), where it saves passes over the widest activation of the network."""
+def folds_into_norm(conv: Conv, channels: int) -> bool:
+    """Whether the norm after ``conv`` computes both (`wmdd_jax.models.norms.conv_instance_norm`,
+    ``conv_batch_norm``) for ``channels``-channel inputs: a CPU choice (the ``im2col`` / ``winograd``
+    implementations) for narrow patches (the first layer of a 1- or 3-channel image), where it saves
+    passes over the widest activation of the network."""
     return resolve_conv_impl(conv.conv_impl) != "lax" and conv.kernel_size ** 2 * channels <= 32
 
 

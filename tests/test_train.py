@@ -14,8 +14,9 @@ from wmdd_jax.errors import UserError
 from wmdd_jax.metric_writers import read_scalars
 from wmdd_jax.models import create_model
 from wmdd_jax.optim import soft_label_loss
+from wmdd_jax import train as train_module
 from wmdd_jax.train import Run, train, train_group
-from wmdd_jax.train_step import Teacher
+from wmdd_jax.train_step import Teacher, make_train_step
 
 
 class Interrupted(Exception):
@@ -94,17 +95,27 @@ def test_resume_after_interruption_is_exact(tmp_path, splits):
         full.test_accuracy
 
 
-def test_training_learns_with_hard_and_soft_labels(tmp_path, splits):
+def test_training_learns_with_hard_and_soft_labels(tmp_path, splits, monkeypatch):
+    """Both label modes learn, and each run's step compiles once (not again once its state, fresh from
+    an initialisation, comes back from the first step committed to the device a loaded teacher is on)."""
+    steps = []
+
+    def recorded(*args, **kwargs):
+        steps.append(make_train_step(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "make_train_step", recorded)
     train_source, test_source = splits
     model = create_model("convnet3", 10, norm="instance", width=8, conv_impl=CONV_IMPL)
     hard = train(model, tiny_spec(epochs=8, lr=0.05), train_source, str(tmp_path / "hard"), seed=0,
                  test_source=test_source, verbose=False)
     assert hard.test_accuracy > 30.0  # chance is 10%
-    teacher = Teacher(model, hard.variables)
+    teacher = Teacher(model, jax.device_put(hard.variables, jax.local_devices()[0]))  # as a loaded teacher
     soft = train(model, tiny_spec(epochs=4, optimizer="adamw", lr=3e-3, label_mode="soft", temperature=4.0),
                  train_source, str(tmp_path / "soft"), seed=0, test_source=test_source, teacher=teacher,
                  verbose=False)
     assert soft.test_accuracy > 20.0
+    assert [step._cache_size() for step in steps] == [1, 1]
 
 
 def test_recipe_is_enforced_only_once_there_are_outputs(tmp_path):

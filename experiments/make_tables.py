@@ -209,14 +209,16 @@ def evaluate_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     order = {"before": 0, "after": 1, "stacked": 2, "pytorch": 3}
-    rows = sorted(rows, key=lambda r: (r["devices"], r["ipc"], r["epochs"], order.get(r["variant"], 3)))
+    rows = sorted(rows, key=lambda r: (r["devices"], r["ipc"], r["epochs"], order.get(r["variant"], 3),
+                                       r.get("dtype") or ""))
     lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
              "| warm student steps/s | MiB per device | test accuracy % (per seed) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
         mib = r.get("per_device_mib")
-        lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {r['variant']} "
+        variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
+        lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {variant} "
                      f"| {r['wall_s']:.0f} | {'' if speedup is None else f'{speedup:.2f}'} | {'' if warm is None else f'{warm:.1f}'} "
                      f"| {'' if mib is None else f'{mib:.0f}'} | {_pm(dict(r, n_seeds=len(r['accuracies'])))} "
                      f"({', '.join(f'{v:.2f}' for v in r['accuracies'])}) |")

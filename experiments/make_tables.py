@@ -225,6 +225,20 @@ def evaluate_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def teacher_devices_table(rows: list[dict]) -> str:
+    """The teacher trained on 1 and on N simulated devices (experiments/teacher_devices.py)."""
+    if not rows:
+        return ""
+    rows = sorted(rows, key=lambda r: (r["epochs"], r["devices"], r["seed"]))
+    lines = ["| simulated devices | seed | epochs (steps) | test accuracy % | max abs difference of weights and BN statistics vs 1 device |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        diff = r.get("max_abs_diff_vs_one_device")
+        lines.append(f"| {r['devices']} | {r['seed']} | {r['epochs']} ({r['steps']}) | {r['test_accuracy']:.2f} "
+                     f"| {'' if diff is None else f'{diff:.2g}'} |")
+    return "\n".join(lines)
+
+
 def tuning_table(rows: list[dict]) -> str:
     """The validation search (experiments/tune_fashion_mnist.py): one line per candidate, best seed 0 first."""
     if not rows:
@@ -264,6 +278,7 @@ def tables(rows: list[dict]) -> dict[str, str]:
         "throughput": throughput_table([r for r in rows if r.get("benchmark") in ("train_step", "synthesis_step")]),
         "scaling": scaling_table([r for r in rows if r.get("benchmark") == "synthesis_scaling"]),
         "evaluate": evaluate_table([r for r in rows if r.get("benchmark") == "evaluate"]),
+        "teacher_devices": teacher_devices_table([r for r in rows if r.get("benchmark") == "teacher_devices"]),
     }
 
 

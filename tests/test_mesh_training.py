@@ -33,7 +33,7 @@ ON_EIGHT_DEVICES = textwrap.dedent("""
     import sys, warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import jax, ml_collections, numpy as np
-    from tests.conftest import CONV_IMPL, FMNIST_SUBSET, tiny_spec
+    from tests.conftest import FMNIST_SUBSET, tiny_spec
     from wmdd_jax.data import load_split
     from wmdd_jax.models import create_model
     from wmdd_jax.sharding import make_mesh
@@ -46,7 +46,9 @@ ON_EIGHT_DEVICES = textwrap.dedent("""
     source, test = load_split(data, "train"), load_split(data, "test")
     mesh = make_mesh(ml_collections.ConfigDict(dict(shape=(-1,), axes=("classes",))))
     spec = tiny_spec(epochs=2, batch_size=64, augment=dict(flip=True, shift=2))
-    model = create_model("convnet3", 10, width=8, norm="batch", conv_impl=CONV_IMPL)
+    # conv_impl "auto": on CPU the Winograd convolutions and the first convolution folded into the
+    # BatchNorm after it, whose statistics are then sums over the global batch too.
+    model = create_model("convnet3", 10, width=8, norm="batch", conv_impl="auto")
     out = {}
     # a teacher-like run, data parallel: batch 64 over 8 devices, BN statistics over the global batch
     assert BatchLayout(mesh, None, 64).mode == "batch"

@@ -110,14 +110,7 @@ def conv_instance_norm(x: Array, kernel: Array, stride: int, padding: int, scale
     Returns:
       [n, h_out, w_out, c_out], equal to ``InstanceNorm`` of the convolution up to float rounding.
     """
-    dtype = x.dtype
-    p, k, (n, h, w, cout) = _patch_matrix(x, kernel, stride, padding)
-    p = p - p.mean(axis=1, keepdims=True)
-    cov = jnp.einsum("npt,nps->nts", p, p) / (h * w)
-    var = jnp.einsum("tc,nts,sc->nc", k, cov, k)
-    per_image = k[None] * (jax.lax.rsqrt(var + epsilon) * scale.astype(p.dtype))[:, None, :]
-    y = jnp.einsum("npt,ntc->npc", p.astype(dtype), per_image.astype(dtype)) + bias.astype(dtype)
-    return y.reshape(n, h, w, cout)
+    return _folded_norm(x, kernel, stride, padding, scale, bias, epsilon, per_image=True)[0]
 
 
 def conv_batch_norm(x: Array, kernel: Array, conv_bias: Array | None, stride: int, padding: int, scale: Array,
@@ -130,28 +123,33 @@ def conv_batch_norm(x: Array, kernel: Array, conv_bias: Array | None, stride: in
       (output [n, h_out, w_out, c_out], batch mean [c_out], biased batch variance [c_out]) of the
       convolution's output (its bias included in the mean), as the unfused layers compute them.
     """
+    y, mean, var = _folded_norm(x, kernel, stride, padding, scale, bias, epsilon, per_image=False)
+    return y, mean[0] + (0.0 if conv_bias is None else conv_bias.astype(mean.dtype)), var[0]
+
+
+def _folded_norm(x, kernel, stride, padding, scale, bias, epsilon, per_image: bool):
+    """The normalised convolution of ``x`` with statistics per image or over the whole batch.
+
+    Returns (output, mean [n or 1, c_out] of the bias-free convolution, its biased variance, alike).
+    """
     dtype = x.dtype
-    p, k, (n, h, w, cout) = _patch_matrix(x, kernel, stride, padding)
-    mu = p.mean(axis=(0, 1))
-    p = p - mu
-    cov = jnp.einsum("npt,nps->ts", p, p) / (n * h * w)
-    var = jnp.einsum("tc,ts,sc->c", k, cov, k)
-    mean = mu @ k + (0.0 if conv_bias is None else conv_bias.astype(p.dtype))
-    folded = k * (jax.lax.rsqrt(var + epsilon) * scale.astype(p.dtype))
-    # One product per image (not one over all pixels): its kernel gradient is then a batched matmul;
-    # XLA's single contraction over n*h*w, with the transposed copy it makes, took 34 ms on a CPU
-    # where the batched one took 5-6 ms (batch 100, 32x32x128 output).
-    per_image = jnp.broadcast_to(folded.astype(dtype), (n, *folded.shape))
-    y = jnp.einsum("npt,ntc->npc", p.astype(dtype), per_image) + bias.astype(dtype)
-    return y.reshape(n, h, w, cout), mean, var
-
-
-def _patch_matrix(x, kernel, stride, padding):
-    """([n, h_out * w_out, kh*kw*c_in] float32 patches, [kh*kw*c_in, c_out] kernel, output shape)."""
     kh, kw, cin, cout = kernel.shape
-    p = patches(x.astype(jnp.promote_types(x.dtype, jnp.float32)), kh, kw, stride, padding)
+    p = patches(x.astype(jnp.promote_types(dtype, jnp.float32)), kh, kw, stride, padding)
     n, h, w, t = p.shape
-    return p.reshape(n, h * w, t), kernel.reshape(t, cout).astype(p.dtype), (n, h, w, cout)
+    p, k = p.reshape(n, h * w, t), kernel.reshape(t, cout).astype(p.dtype)
+    axes = (1,) if per_image else (0, 1)
+    mu = p.mean(axis=axes, keepdims=True)                                 # [n or 1, 1, t]
+    p = p - mu
+    cov = jnp.einsum("npt,nps->nts", p, p)
+    cov = cov / (h * w) if per_image else cov.sum(0, keepdims=True) / (n * h * w)
+    var = jnp.einsum("tc,nts,sc->nc", k, cov, k)
+    folded = k[None] * (jax.lax.rsqrt(var + epsilon) * scale.astype(p.dtype))[:, None, :]
+    # One product per image (also for batch statistics, not one over all pixels): its kernel
+    # gradient is then a batched matmul; XLA's single contraction over n*h*w, with the transposed
+    # copy it makes, took 34 ms on a CPU where the batched one took 5-6 ms (batch 100, 32x32x128).
+    folded = jnp.broadcast_to(folded.astype(dtype), (n, t, cout))
+    y = jnp.einsum("npt,ntc->npc", p.astype(dtype), folded) + bias.astype(dtype)
+    return y.reshape(n, h, w, cout), mu[:, 0] @ k, var
 
 
 class BatchNorm(nn.Module):

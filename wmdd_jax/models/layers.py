@@ -266,6 +266,8 @@ def folds_into_norm(conv: Conv, channels: int) -> bool:
 
 def avg_pool2(x: Array) -> Array:
     """2x2 average pooling, stride 2, dropping an odd last row/column like PyTorch."""
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    # Four strided slices, not a reshape and mean: XLA's CPU fusions then read the map (and the
+    # norm and ReLU fused into it) once. A ConvNet-3 training step with an online teacher ran 18%
+    # faster (best of 6 interleaved rounds: 173 vs 210 ms at batch 100), the teacher's forward 25%.
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    return (x[:, 0:h:2, 0:w:2] + x[:, 1:h:2, 0:w:2] + x[:, 0:h:2, 1:w:2] + x[:, 1:h:2, 1:w:2]) * 0.25

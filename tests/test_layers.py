@@ -53,6 +53,9 @@ CONV_CASES = [
     ((2, 7, 7, 3), 1, 1, 0),
     ((1, 12, 11, 3), 7, 2, 3),
     ((2, 6, 6, 5), 3, 1, 0),
+    # Patches of at most layers.NARROW values take narrow_matmul: 1 channel (9), 3 channels strided (27).
+    ((2, 9, 7, 1), 3, 1, 3),
+    ((2, 8, 8, 3), 3, 2, 1),
 ]
 
 
@@ -63,6 +66,28 @@ def test_im2col_conv_matches_lax_conv(shape, k, stride, padding):
     want = value_and_grads(lambda a, b: lax_conv(a, b, stride, padding), x, kernel)
     for a, b in zip(got, want):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_narrow_matmul_matches_matmul(per_image):
+    # Values and both gradients against the einsum it replaces; bfloat16 inputs give a bfloat16 result
+    # rounded once from float32 sums.
+    p = normal(4, (3, 20, 9))
+    k = normal(5, (3, 9, 7) if per_image else (9, 7))
+    spec = "nst,ntc->nsc" if per_image else "nst,tc->nsc"
+    g = normal(6, (3, 20, 7))
+
+    def run(f):
+        return jax.jit(lambda p, k: (lambda y, vjp: (y,) + vjp(g))(*jax.vjp(f, p, k)))(p, k)
+
+    for a, b in zip(run(layers.narrow_matmul), run(lambda p, k: jnp.einsum(spec, p, k, precision="highest"))):
+        assert_close(a, b, rtol=1e-5)
+    p16, k16 = jnp.asarray(p, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    y16 = layers.narrow_matmul(p16, k16)
+    want = np.einsum(spec, np.asarray(p16, np.float64), np.asarray(k16, np.float64))
+    assert y16.dtype == jnp.bfloat16
+    # One bfloat16 rounding of the exact sum (relative 2^-9, 2^-8 with float32's own error), not nine.
+    np.testing.assert_allclose(np.asarray(y16, np.float64), want, rtol=2 ** -8, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile", [2, 4])

@@ -48,6 +48,49 @@ def patches(x: Array, kh: int, kw: int, stride: int, padding: int) -> Array:
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
+# Contractions of at most this many terms are computed as fused multiply-adds (`narrow_matmul`).
+NARROW = 32
+
+
+@jax.custom_vjp
+def narrow_matmul(p: Array, k: Array) -> Array:
+    """``p @ k`` over a short contraction (``t <= NARROW``) as ``t`` broadcast multiply-adds.
+
+    ``p``: [..., t] with ``k`` [t, c] (one kernel), or [n, s, t] with ``k`` [n, t, c] (one per image).
+
+    XLA's CPU matmul of a contraction this short (the first convolution of a 1- or 3-channel image,
+    as patches) ran at under 10 GFLOP/s and wrote its whole output before the norm, ReLU and pooling
+    read it back; as multiply-adds XLA fuses it into them and reads only the patches. Measured on a
+    2-core CPU, best of interleaved rounds, batch 100: in the folded first-block norm of a ConvNet-3
+    student (instance norm, online teacher) the training step went 212 -> 195 ms and predicting the
+    10,000 test images 4.97 -> 4.47 s; in `im2col_conv`, the batch-norm teacher's forward 53 -> 46.5
+    ms (the training step unchanged within its noise). The backward stays two matmuls: autodiff of
+    the multiply-adds made the step 1.4x slower.
+    """
+    dtype = jnp.result_type(p, k)
+    p, k = p.astype(jnp.promote_types(dtype, jnp.float32)), k.astype(jnp.promote_types(dtype, jnp.float32))
+    if k.ndim == 3:
+        y = sum(p[..., i, None] * k[:, None, i, :] for i in range(p.shape[-1]))
+    else:
+        y = sum(p[..., i, None] * k[i] for i in range(p.shape[-1]))
+    return y.astype(dtype)  # summed in float32 under bfloat16 too
+
+
+def _narrow_matmul_fwd(p, k):
+    return narrow_matmul(p, k), (p, k)
+
+
+def _narrow_matmul_bwd(res, g):
+    p, k = res
+    if k.ndim == 3:
+        return jnp.einsum("nsc,ntc->nst", g, k), jnp.einsum("nst,nsc->ntc", p, g)
+    t, c = k.shape
+    return g @ k.T, p.reshape(-1, t).T @ g.reshape(-1, c)
+
+
+narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
+
+
 def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     """Convolution as one matmul over shifted slices.
 
@@ -59,7 +102,8 @@ def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
       ``lax.conv_general_dilated`` with symmetric ``padding`` and ``stride``.
     """
     kh, kw, cin, cout = kernel.shape
-    return jnp.dot(patches(x, kh, kw, stride, padding), kernel.reshape(kh * kw * cin, cout))
+    p, k = patches(x, kh, kw, stride, padding), kernel.reshape(kh * kw * cin, cout)
+    return narrow_matmul(p, k) if kh * kw * cin <= NARROW else jnp.dot(p, k)
 
 
 # Winograd F(m x m, 3x3) (Lavin & Gray 2016): an m x m output tile of a 3x3 correlation is
@@ -261,7 +305,7 @@ def folds_into_norm(conv: Conv, channels: int) -> bool:
     ``conv_batch_norm``) for ``channels``-channel inputs: a CPU choice (the ``im2col`` / ``winograd``
     implementations) for narrow patches (the first layer of a 1- or 3-channel image), where it saves
     passes over the widest activation of the network."""
-    return resolve_conv_impl(conv.conv_impl) != "lax" and conv.kernel_size ** 2 * channels <= 32
+    return resolve_conv_impl(conv.conv_impl) != "lax" and conv.kernel_size ** 2 * channels <= NARROW
 
 
 def avg_pool2(x: Array) -> Array:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wmdd_jax.models.layers import patches
+from wmdd_jax.models.layers import narrow_matmul, patches
 
 Array = jax.Array
 
@@ -127,31 +127,6 @@ def conv_batch_norm(x: Array, kernel: Array, conv_bias: Array | None, stride: in
     return y, mean[0] + (0.0 if conv_bias is None else conv_bias.astype(mean.dtype)), var[0]
 
 
-@jax.custom_vjp
-def _narrow_matmul(p: Array, k: Array) -> Array:
-    """``einsum("npt,ntc->npc", p, k)`` for a narrow ``t`` (<= 32), as ``t`` broadcast multiply-adds.
-
-    XLA's CPU matmul of a contraction this short ran at under 10 GFLOP/s and wrote its whole output
-    before the ReLU and pooling read it back; as multiply-adds XLA fuses it into them, reading only
-    the patches. A ConvNet-3 (instance norm, batch 100, online teacher), best of 4 interleaved
-    rounds: the training step 212 -> 195 ms, predicting the 10,000 test images 4.97 -> 4.47 s. The
-    backward stays two batched matmuls: autodiff of the multiply-adds made the step 1.4x slower.
-    """
-    return sum(p[:, :, i, None] * k[:, None, i, :] for i in range(p.shape[-1]))
-
-
-def _narrow_matmul_fwd(p, k):
-    return _narrow_matmul(p, k), (p, k)
-
-
-def _narrow_matmul_bwd(res, g):
-    p, k = res
-    return jnp.einsum("npc,ntc->npt", g, k), jnp.einsum("npt,npc->ntc", p, g)
-
-
-_narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
-
-
 def _folded_norm(x, kernel, stride, padding, scale, bias, epsilon, per_image: bool):
     """The normalised convolution of ``x`` with statistics per image or over the whole batch.
 
@@ -172,9 +147,8 @@ def _folded_norm(x, kernel, stride, padding, scale, bias, epsilon, per_image: bo
     # One product per image (also for batch statistics, not one over all pixels): its kernel
     # gradient is then a batched matmul; XLA's single contraction over n*h*w, with the transposed
     # copy it makes, took 34 ms on a CPU where the batched one took 5-6 ms (batch 100, 32x32x128).
-    # Summed in float32 also under bfloat16 compute (t products per output).
     folded = jnp.broadcast_to(folded, (n, t, cout))
-    y = _narrow_matmul(p, folded).astype(dtype) + bias.astype(dtype)
+    y = narrow_matmul(p, folded).astype(dtype) + bias.astype(dtype)
     return y.reshape(n, h, w, cout), mu[:, 0] @ k, var
 
 

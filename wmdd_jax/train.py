@@ -89,8 +89,9 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
 
     ``together``: ``stack`` (the stacked program above), ``sequence`` (one run after another, all
     through one compiled step) or ``auto``: stack on GPU/TPU or over several devices, where one
-    small run cannot fill the hardware; in sequence on a single CPU device, where a 3-run stacked
-    step trained 3 students at 4.7 student steps/s against 5.1 one at a time (`experiments/bench_evaluate.py`).
+    small run cannot fill the hardware; in sequence on a single CPU device, where stacking 3 runs
+    gained nothing (4.8 against 4.7 student steps/s, the stage 127 s against 116 s at IPC 50, 3x the
+    memory; `experiments/bench_evaluate.py`).
 
     ``mesh``: the devices to train on (`wmdd_jax.sharding.make_mesh`). The run axis is split over
     them when the number of runs is a multiple of the device count, else the batch axis when the

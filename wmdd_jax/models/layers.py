@@ -83,16 +83,18 @@ def _narrow_matmul_fwd(p, k):
 def _narrow_matmul_bwd(res, g):
     p, k = res
     if k.ndim == 3:
-        return jnp.einsum("nsc,ntc->nst", g, k), jnp.einsum("nst,nsc->ntc", p, g)
-    t, c = k.shape
-    return g @ k.T, p.reshape(-1, t).T @ g.reshape(-1, c)
+        dp, dk = jnp.einsum("nsc,ntc->nst", g, k), jnp.einsum("nst,nsc->ntc", p, g)
+    else:
+        t, c = k.shape
+        dp, dk = g @ k.T, p.reshape(-1, t).T @ g.reshape(-1, c)
+    return dp.astype(p.dtype), dk.astype(k.dtype)
 
 
 narrow_matmul.defvjp(_narrow_matmul_fwd, _narrow_matmul_bwd)
 
 
 def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    """Convolution as one matmul over shifted slices.
+    """Convolution as one matmul over shifted slices (`narrow_matmul` for patches of <= NARROW values).
 
     Args:
       x: [n, h, w, c_in] input.

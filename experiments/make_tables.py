@@ -183,12 +183,13 @@ def throughput_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "images_per_s" in r]
     if not rows:
         return ""
-    lines = ["| benchmark | implementation | norm | batch | images/s (median) | range | date |",
+    lines = ["| benchmark | implementation | norm | batch | images/s (median) | range | date (code) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r.get("min_max_images_per_s", ["", ""])
+        code = f" ({r['code_commit'][:7]})" if r.get("code_commit") else ""  # one date can hold two runs
         lines.append(f"| {r.get('benchmark', '')} | {r.get('impl', '')} | {r.get('norm', '')} | {r.get('batch', '')} "
-                     f"| {r['images_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {r.get('date', '')} |")
+                     f"| {r['images_per_s']:.0f} | {lo:.0f}-{hi:.0f} | {r.get('date', '')}{code} |")
     return "\n".join(lines)
 
 

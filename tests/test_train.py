@@ -15,6 +15,7 @@ from wmdd_jax.metric_writers import read_scalars
 from wmdd_jax.models import create_model
 from wmdd_jax.optim import soft_label_loss
 from wmdd_jax import train as train_module
+from wmdd_jax import train_step as train_step_module
 from wmdd_jax.train import Run, train, train_group
 from wmdd_jax.train_step import Teacher, make_train_step
 
@@ -116,6 +117,24 @@ def test_training_learns_with_hard_and_soft_labels(tmp_path, splits, monkeypatch
                  verbose=False)
     assert soft.test_accuracy > 20.0
     assert [step._cache_size() for step in steps] == [1, 1]
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_quickly_compiled_init_draws_the_default_programs_bits(norm):
+    """`init_variables` compiles at LLVM level 1 on a CPU (half the compile time); the parameters
+    are those of the default compilation, bit for bit, and it still composes with jit and eval_shape
+    (which get the plain program: compiler options are for top-level programs only)."""
+    model = create_model("convnet3", 10, norm=norm, width=128)  # the evaluation student / the teacher
+    key, shape = jax.random.key(7), (28, 28, 1)
+    quick = train_step_module.init_variables(model, key, shape)
+    default = train_step_module._init_fn(model, shape, False)(key)
+    for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    inside = jax.jit(lambda k: train_step_module.init_variables(model, k, shape))(key)
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    shapes = jax.eval_shape(lambda: train_step_module.init_variables(model, jax.random.key(0), shape))
+    assert [x.shape for x in jax.tree.leaves(shapes)] == [x.shape for x in jax.tree.leaves(quick)]
 
 
 def test_recipe_is_enforced_only_once_there_are_outputs(tmp_path):

@@ -123,6 +123,13 @@ def get_config() -> ml_collections.ConfigDict:
         cpu_collectives="gloo",          # CPU backend only: cross-process collectives
         timeout_secs=300,
     ))
+    # JAX's persistent compilation cache (wmdd_jax/compilation_cache.py): later runs of the same shapes
+    # read their compiled programs back instead of compiling them again.
+    config.compilation_cache = ml_collections.ConfigDict(dict(
+        dir="auto",                      # auto: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/wmdd_jax/xla; '' = off
+        min_compile_secs=0.2,            # programs that compile faster are not stored
+        max_size_mb=2048,                # least recently used entries go beyond this; -1 = no bound
+    ))
     # Stage export: our synthetic set and teacher in the PyTorch layouts (wmdd_jax/interop).
     config.export = ml_collections.ConfigDict(dict(
         image_format="png",              # png (exact) | jpeg (the official code's choice, lossy)

@@ -16,8 +16,8 @@ TINY = [
 ]
 
 
-def cli(*args, workdir="/nonexistent-wmdd", cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def cli(*args, workdir="/nonexistent-wmdd", cwd=ROOT, env=None):
+    env = {**(os.environ if env is None else env), "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, "-m", "wmdd_jax", *args, f"--workdir={workdir}"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -41,6 +41,8 @@ FM = "--config=configs/fashion_mnist.py"
     (["pretrain", FM, "--config.ipcs=3"], 'unknown config key \'ipcs\' in a --config.* override: it must name a '
      'field of the config file (see configs/default.py). Did you mean "ipc" instead of "ipcs"?'),
     (["pretrain", FM + ":qick"], "unknown variant 'qick' of configs/fashion_mnist.py; use '' or 'quick'"),
+    (["pretrain", FM, f"--config.data.data_dir={FMNIST_SUBSET}", "--config.compilation_cache.dir=/dev/null/xla"],
+     "--config.compilation_cache.dir: cannot create '/dev/null/xla'"),
     # A key given twice takes the last value (config_flags alone joins tuples: hard, soft, soft).
     (["evaluate", FM, "--config.eval.label_modes=('hard','soft')", "--config.eval.label_modes=('soft',)",
       "--config.eval.seeds=(1,1)"], "--config.eval.seeds=(1, 1) is not valid"),
@@ -66,3 +68,18 @@ def test_config_files_load_from_any_working_directory(tmp_path):
     out = cli("pretrain", f"--config={ROOT}/configs/fashion_mnist.py", "--config.ipc=0", workdir=str(tmp_path),
               cwd=str(tmp_path))
     assert out.returncode == 2 and "--config.ipc=0 is not valid" in out.stderr, out.stderr
+
+
+def test_compiled_programs_go_to_the_users_cache_unless_turned_off(tmp_path):
+    """By default (no $JAX_COMPILATION_CACHE_DIR) a run stores its compiled programs under
+    $XDG_CACHE_HOME/wmdd_jax/xla, where later runs of the same shapes find them; '' turns it off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    teacher = [*TINY, "--config.teacher.epochs=1"]
+    for name, extra in (("on", []), ("off", ["--config.compilation_cache.dir="])):
+        out = cli("pretrain", FM, *teacher, *extra, workdir=str(tmp_path / name),
+                  env={**env, "XDG_CACHE_HOME": str(tmp_path / f"xdg_{name}")})
+        assert out.returncode == 0, out.stderr[-3000:]
+    stored = os.listdir(tmp_path / "xdg_on" / "wmdd_jax" / "xla")
+    assert any(f.startswith("jit_step-") for f in stored), stored  # the teacher's training step
+    assert not os.path.exists(tmp_path / "xdg_off")

@@ -54,6 +54,8 @@ BAD_VALUES = [
     ("mesh.shape", (-1, -1), "at most one -1"),
     ("mesh.axes", ("a", "b"), "name one axis per entry of mesh.shape (-1,)"),
     ("export.image_format", "gif", "use one of png, jpeg"),
+    ("compilation_cache.max_size_mb", -2, "it takes a whole number of MiB >= 0, or -1 (no bound)"),
+    ("compilation_cache.min_compile_secs", -1.0, "it takes a finite number >= 0"),
 ]
 
 

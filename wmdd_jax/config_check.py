@@ -135,3 +135,7 @@ def check_config(config) -> None:
     if len(tuple(config.mesh.axes)) != len(tuple(config.mesh.shape)):
         _fail("mesh.axes", tuple(config.mesh.axes), f"name one axis per entry of mesh.shape {tuple(config.mesh.shape)}")
     _one_of(config, "export.image_format", ("png", "jpeg"))
+    _finite_number(config, "compilation_cache.min_compile_secs")
+    size = _get(config, "compilation_cache.max_size_mb")
+    if size is not _MISSING and (isinstance(size, bool) or not isinstance(size, int) or size < -1):
+        _fail("compilation_cache.max_size_mb", size, "it takes a whole number of MiB >= 0, or -1 (no bound)")

@@ -97,11 +97,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # absl INFO (backend probing, orbax) would bury our output
     try:
         # Here, not at the top: flag errors (in _parse) are reported before jax and flax load.
+        from wmdd_jax.compilation_cache import use_compilation_cache
         from wmdd_jax.config_check import check_config
         from wmdd_jax.sharding import initialize_distributed, process_index
 
         check_config(config)
         _make_workdir(FLAGS.workdir)
+        use_compilation_cache(config.compilation_cache)  # before anything compiles
 
         initialize_distributed(config)  # before any computation; a no-op unless asked for
         # One lock per process of a run: the processes of one jax.distributed run share the folder.

@@ -44,11 +44,18 @@ between a seed's final weights trained alone and trained stacked.
 state and norm statistics stay float32); their rows carry ``dtype``. On a CPU bfloat16 is emulated:
 compare accuracies with the float32 rows, not times.
 
+``--compilation-cache warm`` gives the JAX variants JAX's persistent compilation cache (as the
+command line has by default, `wmdd_jax.compilation_cache`) in a fresh temporary folder, filled by one
+untimed run of each JAX variant before the timed ones: the time of a later ``evaluate`` of the same
+shapes (another synthetic set of that IPC, a rerun), which reads its programs from disk instead of
+compiling them. The run's rows (PyTorch's too) carry ``compilation_cache: "warm"``. By default (``off``) no persistent cache
+is used, even when ``JAX_COMPILATION_CACHE_DIR`` is set: every variant compiles, as a first run does.
+
 ``--simulate-devices N`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax
 starts; the JAX variants then train on ``make_mesh(config.mesh)`` of N devices (sharing the CPU's
 cores: this tests the layout, it is no speed-up). Rows carry ``devices`` (the PyTorch row too, which
 ignores it). One JSON line per (ipc, variant) goes to ``--out`` (a rerun with the same benchmark,
-ipc, variant, devices, epochs, machine and dtype replaces its row).
+ipc, variant, devices, epochs, machine, dtype and compilation cache replaces its row).
 
 Usage (from the repository root):
   python experiments/bench_evaluate.py                                  # IPC 10 and 50, 30 epochs
@@ -92,6 +99,9 @@ def parse_args(argv):
     p.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
                    help="'tuned' applies wmdd_jax.host.tune_host_allocator() before jax starts, as "
                         "'python -m wmdd_jax' does (it applies to the whole process, PyTorch too)")
+    p.add_argument("--compilation-cache", choices=("off", "warm"), default="off",
+                   help="'warm': the JAX variants read their programs from a persistent compilation cache "
+                        "filled by an untimed run (a later evaluate of the same shapes); 'off': they compile")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled step's memory analysis")
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU",
                    help="what the rows say of the machine, e.g. whether other jobs shared it")
@@ -376,6 +386,11 @@ def run_pytorch(ctx, ipc, test_x, test_y, t_teacher):
 def main():
     torch.set_num_threads(ARGS.torch_threads)
     config, spec, train_source, test_source, teacher = setup()
+    cache_dir = None
+    if ARGS.compilation_cache == "warm":
+        cache_dir = tempfile.mkdtemp(prefix="bench_evaluate_xla_cache_")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)  # off: not even $JAX_COMPILATION_CACHE_DIR's
     mesh = make_mesh(config.mesh)
     devices = ARGS.simulate_devices or 1
     if mesh.size != devices:
@@ -402,6 +417,12 @@ def main():
         n = ipc * train_source.num_classes
         steps = batch_plan(n, spec)[1]
         outcome = {v: [] for v in ARGS.variants}
+        if cache_dir is not None:  # fill the cache: one untimed run of each JAX variant
+            for variant in ARGS.variants:
+                if variant != "pytorch":
+                    clear_caches()
+                    print(f"ipc {ipc}: {variant}, untimed, to fill the compilation cache...", flush=True)
+                    run_jax(variant, ctx, ipc)
         for rep in range(ARGS.repeats):
             k = rep % len(ARGS.variants)
             for variant in ARGS.variants[k:] + ARGS.variants[:k]:
@@ -460,12 +481,15 @@ def main():
                 row["conv_impl"] = config.conv_impl
                 if ARGS.dtype != "float32":
                     row["dtype"] = ARGS.dtype
+            if cache_dir is not None:  # the whole run's rows, PyTorch's too: their ratios belong together
+                row["compilation_cache"] = "warm"
             row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], command=command,
                        date=datetime.date.today().isoformat())
             if commit is not None:
                 row["code_commit"] = commit()
             results.upsert_jsonl(ARGS.out, row,
-                                 keys=("benchmark", "ipc", "variant", "devices", "epochs", "machine", "dtype"))
+                                 keys=("benchmark", "ipc", "variant", "devices", "epochs", "machine", "dtype",
+                                       "compilation_cache"))
             table.append(row)
 
     print()
@@ -478,6 +502,8 @@ def main():
         print(f"{r['ipc']:>4} {r['variant']:<8} {r['devices']:>3} {r['steps_per_student']:>6} {r['wall_s']:>8.1f} "
               f"{speed:>8} {warm:>9} {mib:>8}  {r['mean']:.2f} ± {r['std']:.2f} {r['accuracies']}")
     print(f"\nrows: {ARGS.out}")
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def _r(x, digits=3):

@@ -220,7 +220,7 @@ def evaluate_table(rows: list[dict]) -> str:
         mib = r.get("per_device_mib")
         variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
         if r.get("compilation_cache") == "warm":  # the JAX variants read their programs from a filled cache
-            variant += ", warm cache"
+            variant += " (same run)" if r["variant"] == "pytorch" else " (warm compilation cache)"
         lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {variant} "
                      f"| {r['wall_s']:.0f} | {'' if speedup is None else f'{speedup:.2f}'} | {'' if warm is None else f'{warm:.1f}'} "
                      f"| {'' if mib is None else f'{mib:.0f}'} | {_pm(dict(r, n_seeds=len(r['accuracies'])))} "

@@ -90,8 +90,8 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
     ``together``: ``stack`` (the stacked program above), ``sequence`` (one run after another, all
     through one compiled step) or ``auto``: stack on GPU/TPU or over several devices, where one
     small run cannot fill the hardware; in sequence on a single CPU device, where stacking 3 runs
-    gained nothing (4.8 against 4.7 student steps/s, the stage 127 s against 116 s at IPC 50, 3x the
-    memory; `experiments/bench_evaluate.py`).
+    gained nothing (5.0 against 5.8 student steps/s, the stage 112 s against 95 s at IPC 50, 3x the
+    memory; `experiments/bench_evaluate.py`, 2026-12-02).
 
     ``mesh``: the devices to train on (`wmdd_jax.sharding.make_mesh`). The run axis is split over
     them when the number of runs is a multiple of the device count, else the batch axis when the

@@ -42,7 +42,7 @@ FM = "--config=configs/fashion_mnist.py"
      'field of the config file (see configs/default.py). Did you mean "ipc" instead of "ipcs"?'),
     (["pretrain", FM + ":qick"], "unknown variant 'qick' of configs/fashion_mnist.py; use '' or 'quick'"),
     (["pretrain", FM, f"--config.data.data_dir={FMNIST_SUBSET}", "--config.compilation_cache.dir=/dev/null/xla"],
-     "--config.compilation_cache.dir: cannot create '/dev/null/xla'"),
+     "cannot create --config.compilation_cache.dir=/dev/null/xla"),
     # A key given twice takes the last value (config_flags alone joins tuples: hard, soft, soft).
     (["evaluate", FM, "--config.eval.label_modes=('hard','soft')", "--config.eval.label_modes=('soft',)",
       "--config.eval.seeds=(1,1)"], "--config.eval.seeds=(1, 1) is not valid"),

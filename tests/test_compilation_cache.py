@@ -28,6 +28,6 @@ def test_the_cache_folder_follows_jax_then_xdg_then_home(tmp_path, monkeypatch):
 
 def test_a_folder_that_cannot_be_made_is_a_user_error(tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(UserError, match=r"--config.compilation_cache.dir: cannot create .*a_file.*or '' to compile"):
+    with pytest.raises(UserError, match=r"cannot create --config.compilation_cache.dir=.*a_file.*or '' to compile"):
         use_compilation_cache(section(str(tmp_path / "a_file" / "xla")))
     assert not os.path.exists(tmp_path / "a_file" / "xla")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from wmdd_jax.errors import UserError
+from wmdd_jax.files import make_folder
 
 
 def cache_dir(section) -> str | None:
@@ -37,7 +37,8 @@ def use_compilation_cache(section) -> str | None:
     """Points JAX's persistent compilation cache at `cache_dir` (call before anything compiles).
 
     Returns the folder, or None when off. A folder that cannot be created or written is a
-    `UserError` that names the key: a cache JAX cannot write would only warn on every compile.
+    `UserError` that names the key (`wmdd_jax.files.make_folder`): a cache JAX cannot write would
+    only warn on every compile.
     """
     import jax
 
@@ -45,14 +46,7 @@ def use_compilation_cache(section) -> str | None:
     if where is None:
         jax.config.update("jax_compilation_cache_dir", None)
         return None
-    try:
-        os.makedirs(where, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--config.compilation_cache.dir: cannot create {where!r} ({e.strerror or e}); pass a "
-                        f"folder you can write to, or '' to compile without a cache") from e
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UserError(f"--config.compilation_cache.dir: {where!r} is not writable; pass a folder you can write "
-                        f"to, or '' to compile without a cache")
+    make_folder(where, "--config.compilation_cache.dir", ", or '' to compile without a cache")
     jax.config.update("jax_compilation_cache_dir", where)
     if str(section.dir) != "auto" or not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(section.min_compile_secs))

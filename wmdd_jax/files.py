@@ -19,6 +19,21 @@ from typing import Any, Iterator
 from wmdd_jax.errors import UserError
 
 
+def make_folder(path: str, flag: str, otherwise: str = "") -> None:
+    """Creates the folder ``path`` (with its parents) that the user gave as ``flag``, or raises one
+    `UserError` naming ``flag`` when it is a file, cannot be created or cannot be written;
+    ``otherwise`` ends each message (e.g. another way out)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag}={path} is a file, not a folder: pass a folder (it is created if missing){otherwise}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {flag}={path} ({e.strerror or e}): pass a folder you can write to"
+                        f"{otherwise}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}={path} is not writable: pass a folder you can write to{otherwise}")
+
+
 def write_atomic(path: str, data: str | bytes) -> None:
     """Replaces ``path`` by ``data`` in one step (a temporary file, fsync, ``os.replace``)."""
     folder = os.path.dirname(os.path.abspath(path))

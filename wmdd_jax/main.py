@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax.errors import UserError
-from wmdd_jax.files import WorkdirLock
+from wmdd_jax.files import WorkdirLock, make_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, arrays, metrics and results go here.")
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
         from wmdd_jax.sharding import initialize_distributed, process_index
 
         check_config(config)
-        _make_workdir(FLAGS.workdir)
+        make_folder(FLAGS.workdir, "--workdir")
         use_compilation_cache(config.compilation_cache)  # before anything compiles
 
         initialize_distributed(config)  # before any computation; a no-op unless asked for
@@ -118,17 +118,6 @@ def main(argv: list[str]) -> None:
         where = f" {e.filename!r}" if e.filename else ""
         _fail(f"cannot access{where}: {e.strerror or e} (check the path and its permissions, or pass another "
               f"--workdir)")
-
-
-def _make_workdir(workdir: str) -> None:
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir} is a file, not a folder: pass a folder (it is created if missing)")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --workdir={workdir} ({e.strerror or e}): pass a folder you can write to") from e
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir={workdir} is not writable: pass a folder you can write to")
 
 
 def run() -> None:

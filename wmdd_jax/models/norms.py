@@ -100,8 +100,9 @@ def conv_instance_norm(x: Array, kernel: Array, stride: int, padding: int, scale
     per-channel variance is ``k_c^T S k_c`` with ``S`` the image's (biased) patch covariance,
     ``kh*kw*c_in`` square, and its mean ``mu . k_c + b_c``. The normalised output is then one
     product (`narrow_matmul`) of the centred patches with a per-image kernel
-    ``k_c * scale_c / sqrt(var_c + eps)``, plus ``bias``: the convolution's output and the normalisation's passes over it (the widest
-    activation of a ConvNet, 128 channels at full resolution) are never formed, which measured
+    ``k_c * scale_c / sqrt(var_c + eps)``, plus ``bias``: the convolution's output and the
+    normalisation's passes over it (the widest activation of a ConvNet, 128 channels at full
+    resolution) are never formed, which measured
     2.4-2.6x faster forward and backward on a CPU. The convolution's bias drops out, as in the
     unfused form (the norm removes any per-channel constant): its gradient is exactly 0.
 

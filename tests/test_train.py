@@ -164,6 +164,22 @@ def test_a_diverging_run_stops_with_the_step_and_the_key(tmp_path, splits):
     assert not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_all_finite_finds_any_bad_value_without_compiling(bad):
+    """The finiteness check before a save: any NaN or infinity in any float leaf, integer leaves
+    ignored, the same answer as the jitted check, and on a CPU no program compiled for it."""
+    conv = np.zeros((3, 3, 2, 4), np.float32)
+    if bad is not None:
+        conv[2, 1, 0, 3] = bad
+    tree = {"conv": {"kernel": jax.numpy.asarray(conv), "bias": jax.numpy.ones(4)},
+            "step": jax.numpy.asarray(7, jax.numpy.int32), "scale": jax.numpy.ones((), jax.numpy.bfloat16)}
+    compiled_before = train_module._all_finite._cache_size()
+    assert train_module.all_finite(tree) is (bad is None)
+    if jax.default_backend() == "cpu":
+        assert train_module._all_finite._cache_size() == compiled_before
+    assert bool(train_module._all_finite(tree)) is (bad is None)
+
+
 def test_a_teacher_at_chance_is_flagged(tmp_path, capsys):
     """A learning rate that blows the weights up without a NaN (2 steps at lr 1e6: loss 5e9) leaves a
     finite teacher at chance: the pretrain stage says so instead of handing it on silently (in this

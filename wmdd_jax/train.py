@@ -180,7 +180,7 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
                     teacher, stored_targets, verbose, config_key, mesh, precision, compiled) -> list[TrainResult]:
     """Steps ``runs`` (all at step ``start``) to the end together; writes each one's files.
 
-    ``compiled``: jitted steps by layout, reused by the next group of the same layout."""
+    ``compiled``: jitted steps by layout (and the learning-rate schedule), reused by the next groups."""
     stacked = len(runs) > 1
     source = runs[0].source
     mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
@@ -206,7 +206,9 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
     running, unchecked = [], []
     metric_files = [open(os.path.join(r.workdir, "metrics.jsonl"), "a") if writes else None for r in runs]
     curves = [EventFileWriter(r.workdir) for r in runs]  # the same scalars for TensorBoard
-    schedule, last_log = jax.jit(make_schedule(spec, total_steps)), (start, time.time())  # one compile
+    if "schedule" not in compiled:  # one compile for all groups
+        compiled["schedule"] = jax.jit(make_schedule(spec, total_steps))
+    schedule, last_log = compiled["schedule"], (start, time.time())
 
     def check_finite(params=None):  # before anything is logged or saved: a diverged state must not be kept
         bad = None
@@ -291,7 +293,16 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
 
 
 def all_finite(tree) -> bool:
-    """Whether every leaf of ``tree`` is free of NaN and infinity (one program, one host sync)."""
+    """Whether every leaf of ``tree`` is free of NaN and infinity.
+
+    On a CPU, with every leaf in this process, numpy checks the leaves in place: a jitted check cost a
+    0.5 s compilation per process (a tenth of a 3-student IPC 10 evaluation's compile time), for well
+    under a millisecond of work on a ConvNet's weights. Elsewhere one jitted program checks them all
+    where they lie (one host sync, no transfer of the weights).
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if jax.default_backend() == "cpu" and all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
     return bool(_all_finite(tree))
 
 

@@ -5,7 +5,7 @@ With the real protocol (300 epochs) PyTorch's students ended 0.7 points higher a
 LeCun-normal classifier and zero biases; PyTorch's nn.Conv2d / nn.Linear draw U(+-1/sqrt(fan_in))
 for weights and biases (2.45x smaller convolution weights). This runs bench_evaluate.py's ``after``
 variant (same seeds, subsets, teacher, recipe) with ``torch``: every conv/classifier weight and bias
-redrawn from U(+-1/sqrt(fan_in)) after the normal init, or ``flax``: unchanged.
+redrawn from U(+-1/sqrt(fan_in)) after our init, or ``flax``: our init unchanged.
 A scratch experiment (it execs bench_evaluate.py's definitions), not a library option yet.
 
 Usage: python experiments/init_gap.py IPC torch|flax   (appends a row to experiments/results/init_gap.jsonl)
@@ -19,14 +19,13 @@ sys.path.insert(0, ROOT)
 src = open(BENCH).read().split("if __name__")[0]
 ns = {"__file__": BENCH, "__name__": "be"}
 exec(compile(src, "be", "exec"), ns)
-import jax, jax.numpy as jnp, numpy as np
+import jax, numpy as np
 from wmdd_jax import train as T
 orig = T.init_variables
 def torch_like(model, rng, shape):
     v = orig(model, rng, shape)
     params = jax.tree_util.tree_flatten_with_path(v["params"])[0]
     key = jax.random.fold_in(rng, 12345)
-    new = {}
     names = [tuple(getattr(p, "key", p) for p in path) for path, _ in params]
     flat = dict(zip(names, [a for _, a in params]))
     out = {}

@@ -14,6 +14,7 @@ def train_spec(**overrides) -> ml_collections.ConfigDict:
         stem="small",           # ResNets: imagenet | small | tiny
         width=128,              # ConvNet width
         first_padding=-1,       # ConvNet first conv: -1 = DC's rule (3 for 1-channel images, else 1)
+        weight_init="torch",    # torch: PyTorch's defaults, as the official code | kaiming: our draw before
         optimizer="sgd",        # sgd | adamw | adam
         lr=0.01,
         momentum=0.9,

@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("teacher.optimizer", "sdg", "--config.teacher.optimizer='sdg' is not valid: use one of sgd, adamw, adam"),
     ("eval.soft.schedule", "cosin", "--config.eval.soft.schedule='cosin' is not valid: use one of cosine"),
     ("teacher.model", "resnet81", "--config.teacher.model='resnet81' is not valid: use one of "),
+    ("eval.soft.weight_init", "he", "--config.eval.soft.weight_init='he' is not valid: use one of torch, kaiming"),
     ("eval.hard.lr", float("nan"), "--config.eval.hard.lr=nan is not valid: it takes a finite number > 0"),
     ("eval.hard.weight_decay", -1e-4, "it takes a finite number >= 0"),
     ("teacher.augment.crop_scale", (0.5, 0.2), "it takes (lo, hi) with 0 < lo <= hi <= 1, or None"),

@@ -305,3 +305,26 @@ def test_export_stage_writes_what_pytorch_reads(tmp_path):
         np.testing.assert_allclose(data.images, images, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(data.labels, labels)
         assert method == "wmdd"
+
+
+def test_torch_weight_init_matches_a_fresh_pytorch_convnet():
+    """A fresh ConvNet-3 (weight_init="torch", the default) against a fresh DC/DM ConvNet of PyTorch, tensor
+    by tensor in PyTorch's names and layout: the same bound and spread (both U(+-1/sqrt(fan_in)) for
+    every conv and linear weight and bias), the norms' scales 1 and biases 0 on both sides."""
+    model = create_model("convnet3", 10, norm="instance")
+    ours = interop.to_torch(init_variables(model, jax.random.key(0), (28, 28, 1)), model, (28, 28, 1))
+    torch.manual_seed(0)
+    theirs = numpy_state(TorchConvNet(1, 10, 128, 3, "instance", (28, 28)))
+    assert set(ours) == set(theirs)
+    for key, t in theirs.items():
+        o = np.asarray(ours[key], np.float64)
+        assert o.shape == t.shape, key
+        if t.std() == 0:
+            np.testing.assert_array_equal(o, t, err_msg=key)
+            continue
+        # Two independent U(-b, b) samples of n: each std has a relative sampling error of 0.45/sqrt(n),
+        # their ratio 0.63/sqrt(n); 6 of those. Each max is b(1 - O(1/n)). Kaiming's convolutions (2.45x
+        # the std) and zero biases fall far outside both.
+        n, b = t.size, np.abs(t).max()
+        assert abs(o.std() / t.std() - 1) <= 6 * 0.63 / np.sqrt(n), key
+        assert b * (1 - 20 / n) <= np.abs(o).max() <= b * (1 + 20 / n), key

@@ -21,7 +21,7 @@ def normal(seed, shape):
 
 
 def random_variables(model, image_shape, seed=0):
-    """Kernels at He scale (std sqrt(2 / fan-in), the models' init), norm scales near 1, biases and
+    """Kernels at He scale (std sqrt(2 / fan-in), the models' "kaiming" init), norm scales near 1, biases and
     running means near 0, running variances in [0.5, 2], drawn by NumPy: the library's init compiles
     one random draw per parameter shape (13 s for a ResNet-18 on a loaded 2-core CPU), and tests of
     the forward pass need none."""
@@ -186,3 +186,68 @@ def test_one_registry_entry_adds_a_model(monkeypatch, tmp_path):
         (128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1), *[(128,)] * 6,
         (256, 128, 3, 3), (256, 256, 3, 3), (256, 128, 1, 1), *[(256,)] * 6,
         (512, 256, 3, 3), (512, 512, 3, 3), (512, 256, 1, 1), *[(512,)] * 6, (3, 512), (3,)])
+
+
+def _spread_ok(values, std, n_sigmas=6.0):
+    """Whether the sample std of ``values`` is ``std`` within ``n_sigmas`` of its sampling error.
+
+    The sample variance of n draws has a relative standard error of sqrt((kurtosis - 1) / n): 0.89/sqrt(n)
+    for a uniform (kurtosis 1.8), 1.41/sqrt(n) for a normal; the std's is half of it. Six of those,
+    with the larger (normal) one: the bound is a property of the draw, not of this machine.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    return abs(v.std() / std - 1) <= n_sigmas * 0.71 / np.sqrt(v.size)
+
+
+@pytest.mark.parametrize("weight_init", ["torch", "kaiming"])
+def test_convnet_weight_init_draws_what_it_says(weight_init):
+    """ConvNet-3 on 1-channel images: "torch" draws every convolution and classifier weight and bias
+    from U(+-1/sqrt(fan_in)) (PyTorch's nn.Conv2d / nn.Linear defaults); "kaiming" (the earlier draw)
+    kaiming-normal convolutions (truncated at 2 std by jax), a LeCun-normal classifier and zero biases."""
+    model = create_model("convnet3", 10, norm="instance", weight_init=weight_init)
+    params = init_variables(model, jax.random.key(3), (28, 28, 1))["params"]
+    fans = {"conv0": 9 * 1, "conv1": 9 * 128, "conv2": 9 * 128, "classifier": 128 * 4 * 4}
+    for name, fan_in in fans.items():
+        kernel, bias = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
+        if weight_init == "torch":
+            bound = 1 / np.sqrt(fan_in)
+            for w in (kernel, bias):
+                assert np.abs(w).max() <= bound and np.abs(w).max() > bound * (1 - 20 / w.size), name
+                assert _spread_ok(w, bound / np.sqrt(3)), name
+        else:
+            # jax's truncated normal is rescaled to keep the variance: std sqrt(gain / fan_in).
+            std = np.sqrt((2.0 if name != "classifier" else 1.0) / fan_in)
+            assert _spread_ok(kernel, std) and np.abs(kernel).max() <= 2 * std * 1.14, name
+            assert np.all(bias == 0), name
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_resnet_torch_weight_init_is_torchvisions(stem):
+    """A ResNet's weight_init="torch": convolutions N(0, 2 / (k * k * c_out)), not truncated (torchvision's
+    kaiming_normal_, fan-out); the small-image stem U(+-1/sqrt(fan_in)) (a plain nn.Conv2d put in after
+    torchvision's init); BatchNorm scale 1, bias 0; the classifier nn.Linear's U(+-1/sqrt(fan_in))."""
+    from wmdd_jax.models.resnet import ResNet
+
+    model = ResNet(num_classes=10, stage_sizes=(1, 1), stem=stem)
+    params = init_variables(model, jax.random.key(1), (16, 16, 3))["params"]
+    stem_kernel = np.asarray(params["conv1"]["kernel"])
+    if stem == "imagenet":
+        assert _spread_ok(stem_kernel, np.sqrt(2 / (7 * 7 * 64)))
+    else:
+        bound = 1 / np.sqrt(3 * 3 * 3)
+        assert np.abs(stem_kernel).max() <= bound and _spread_ok(stem_kernel, bound / np.sqrt(3))
+    for block, cin, cout in (("layer1_0", 64, 64), ("layer2_0", 64, 128)):
+        for conv, k in (("conv1", 3), ("conv2", 3), ("downsample_conv", 1)):
+            if conv not in params[block]:
+                continue
+            kernel = np.asarray(params[block][conv]["kernel"])
+            std = np.sqrt(2 / (k * k * cout))
+            assert kernel.shape[-1] == cout and _spread_ok(kernel, std), (block, conv)
+            if kernel.size > 10_000:  # P(|z| > 3) = 0.27%: dozens of draws past 3 std; a 2-std truncation has none
+                assert np.sum(np.abs(kernel) > 3 * std) > 10, (block, conv)
+        for bn in ("bn1", "bn2"):
+            assert np.all(np.asarray(params[block][bn]["scale"]) == 1)
+            assert np.all(np.asarray(params[block][bn]["bias"]) == 0)
+    bound = 1 / np.sqrt(128)
+    for w in (params["fc"]["kernel"], params["fc"]["bias"]):
+        assert np.abs(np.asarray(w)).max() <= bound and _spread_ok(w, bound / np.sqrt(3))

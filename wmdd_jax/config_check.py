@@ -11,7 +11,7 @@ import math
 
 from wmdd_jax.data import available
 from wmdd_jax.errors import UserError
-from wmdd_jax.models import model_names
+from wmdd_jax.models import WEIGHT_INITS, model_names
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "step", "constant")
@@ -67,6 +67,7 @@ def check_train_spec(config, key: str) -> None:
     _one_of(config, f"{key}.model", model_names())
     _one_of(config, f"{key}.norm", NORMS)
     _one_of(config, f"{key}.stem", STEMS)
+    _one_of(config, f"{key}.weight_init", WEIGHT_INITS)
     _one_of(config, f"{key}.optimizer", OPTIMIZERS)
     _one_of(config, f"{key}.schedule", SCHEDULES)
     _one_of(config, f"{key}.label_mode", ("hard", "soft"))

@@ -23,7 +23,7 @@ from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.image_sets import image_set_id, images_per_class, load_image_set, load_soft_labels
 from wmdd_jax.teacher import identity, load_teacher, model_from_spec, precision
 from wmdd_jax.sharding import make_mesh, process_index
-from wmdd_jax.train import BOOKKEEPING, Run, train_group
+from wmdd_jax.train import Run, spec_recipe, train_group
 
 def say(message: str) -> None:
     """A line for the user, from process 0 only."""
@@ -42,7 +42,7 @@ def _seeds(config) -> list[int]:
 
 def student_recipe(config, mode: str, soft_labels: str | None) -> dict:
     """What defines the evaluation protocol of one row: the student recipe, the split, the labels."""
-    spec = {k: v for k, v in config.eval[mode].to_dict().items() if k not in (*BOOKKEEPING, "model")}
+    spec = {k: v for k, v in spec_recipe(config.eval[mode]).items() if k != "model"}
     return {"spec": spec, "split": config.eval.split, "soft_labels": soft_labels}
 
 

@@ -156,8 +156,7 @@ def _prepare(model, spec, tx, run: Run, n: int, stored: bool, precision: Precisi
     """A finished run's `TrainResult`, or ``(run, state, manager)`` restored from its last checkpoint."""
     os.makedirs(run.workdir, exist_ok=True)
     data_seed = run.seed if run.data_seed is None else run.data_seed
-    recipe = {k: v for k, v in spec.to_dict().items() if k not in BOOKKEEPING}
-    ckpt.check_recipe(run.workdir, dict(recipe, seed=run.seed, data_seed=data_seed, num_examples=n,
+    ckpt.check_recipe(run.workdir, dict(spec_recipe(spec), seed=run.seed, data_seed=data_seed, num_examples=n,
                                         stored_soft_labels=stored, **precision.recipe(), **(run.inputs or {})),
                       "a training run")
     variables = init_variables(model, jax.random.key(run.seed), run.source.image_shape)
@@ -315,6 +314,18 @@ def _all_finite(tree) -> jax.Array:
 
 # Config keys that change how a run is logged or saved, not what it computes.
 BOOKKEEPING = ("checkpoint_every_steps", "checkpoint_every_secs", "log_every_steps")
+
+
+def spec_recipe(spec) -> dict:
+    """The fields of the training recipe ``spec`` that a run's outcome depends on (no `BOOKKEEPING`).
+
+    ``weight_init="kaiming"`` is left out: every run made before ``weight_init`` existed drew its weights that way,
+    so their recorded recipes still match it (and not the ``"torch"`` default).
+    """
+    recipe = {k: v for k, v in spec.to_dict().items() if k not in BOOKKEEPING}
+    if recipe.get("weight_init") == "kaiming":
+        del recipe["weight_init"]
+    return recipe
 
 
 def _variables(state: TrainState) -> dict:

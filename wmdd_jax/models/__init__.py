@@ -2,7 +2,8 @@
 
 ``create_model(name, num_classes, **options)`` builds a model by the name used in
 configs: ``convnet3``, ``convnet4`` (``norm``: instance | batch | none) and
-``resnet18`` (``stem``: imagenet | small | tiny).
+``resnet18`` (``stem``: imagenet | small | tiny); every model takes ``weight_init`` (torch | kaiming:
+how fresh weights are drawn, `WEIGHT_INITS`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 
 from wmdd_jax.models.convnet import ConvNet, ConvNet3, ConvNet4
+from wmdd_jax.models.layers import WEIGHT_INITS
 from wmdd_jax.models.norms import BN_STATS, BatchNorm, InstanceNorm, collect_bn_moments, pooled_moments
 from wmdd_jax.models.resnet import ResNet, ResNet18
 
@@ -26,11 +28,11 @@ class ModelEntry(NamedTuple):
 
 # Adding a model is one entry here: configs, teachers' model.json, the CLI's name check and the
 # PyTorch key maps (by family: any ConvNet or ResNet) follow from it.
-_CONVNET = ("norm", "width", "first_padding")
+_CONVNET = ("norm", "width", "first_padding", "weight_init")
 _REGISTRY = {
     "convnet3": ModelEntry(ConvNet3, _CONVNET),
     "convnet4": ModelEntry(ConvNet4, _CONVNET),
-    "resnet18": ModelEntry(ResNet18, ("stem",)),
+    "resnet18": ModelEntry(ResNet18, ("stem", "weight_init")),
 }
 
 
@@ -68,7 +70,7 @@ def create_model(name: str, num_classes: int, *, conv_impl: str = "auto", **opti
 
 
 __all__ = [
-    "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "InstanceNorm", "ResNet", "ResNet18",
+    "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "WEIGHT_INITS", "InstanceNorm", "ResNet", "ResNet18",
     "ModelEntry", "collect_bn_moments", "create_model", "model_names", "model_options", "pooled_moments",
     "register_model",
 ]

@@ -8,6 +8,7 @@ implementation runs it.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,42 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+# How fresh weights are drawn (a model's ``weight_init``, config ``train_spec``): "torch", PyTorch's defaults
+# (what the official WMDD code trains with), or "kaiming", what this toolkit drew before it had the
+# option (kaiming-normal convolutions, zero biases, Flax's LeCun-normal dense layers).
+WEIGHT_INITS = ("torch", "kaiming")
+
+
+def check_weight_init(weight_init: str) -> str:
+    """``weight_init`` if it is one of `WEIGHT_INITS`, else a ValueError that lists them."""
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+    return weight_init
+
+
+def torch_uniform(fan_in: int) -> Any:
+    """PyTorch's default initializer of ``nn.Conv2d`` and ``nn.Linear`` weights *and* biases:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), ``fan_in`` = inputs per output (``kh * kw * c_in`` for a
+    convolution). (Its weights' ``kaiming_uniform_(a=sqrt(5))`` has this bound.)"""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_layer_inits(fan_in: int) -> dict:
+    """``kernel_init`` and ``bias_init`` of a `Conv` or ``nn.Dense`` as PyTorch's layers default them."""
+    return dict(kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in))
+
+
+def torch_kaiming_fan_out() -> Any:
+    """torchvision's ResNet convolutions: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``,
+    N(0, 2 / (kh * kw * c_out)), not truncated."""
+    return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -273,6 +310,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     conv_impl: str = "auto"
     kernel_init: Any = nn.initializers.kaiming_normal()
+    bias_init: Any = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: Array, weights_only: bool = False):
@@ -282,7 +320,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         kernel = kernel.astype(x.dtype)
         if weights_only:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+            bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
             return kernel, bias
         impl = resolve_conv_impl(self.conv_impl)
         if impl == "winograd" and _use_winograd(k, self.stride, self.padding, x.shape[-1]):
@@ -298,7 +336,7 @@ class Conv(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+            y = y + self.param("bias", self.bias_init, (self.features,)).astype(x.dtype)
         return y
 
 

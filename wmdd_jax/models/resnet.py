@@ -1,4 +1,12 @@
-"""ResNet-18 with torchvision's layout, an ImageNet stem and a small-image stem."""
+"""ResNet-18 with torchvision's layout, an ImageNet stem and a small-image stem.
+
+``weight_init="torch"`` draws what a torchvision ResNet starts from: every convolution
+N(0, 2 / (kh * kw * c_out)) (kaiming-normal, fan-out), the classifier PyTorch's ``nn.Linear``
+default U(+-1/sqrt(fan_in)). The small-image stems are drawn like a plain ``nn.Conv2d``
+(U(+-1/sqrt(fan_in))): the usual way to build them (SRe2L's and WMDD's code among them) replaces
+``conv1`` of a built torchvision model, after its init loop. ``"kaiming"``: the draw of earlier
+versions (kaiming-normal fan-in convolutions, Flax's LeCun-normal classifier, zero bias).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv
+from wmdd_jax.models.layers import Conv, check_weight_init, torch_kaiming_fan_out, torch_layer_inits, torch_uniform
 from wmdd_jax.models.norms import BatchNorm
 
 
@@ -16,10 +24,12 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     conv_impl: str = "auto"
+    weight_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(Conv, use_bias=False, conv_impl=self.conv_impl)
+        inits = dict(kernel_init=torch_kaiming_fan_out()) if check_weight_init(self.weight_init) == "torch" else {}
+        conv = functools.partial(Conv, use_bias=False, conv_impl=self.conv_impl, **inits)
         bn = functools.partial(BatchNorm, use_running_average=not train)
         residual = x
         y = conv(self.features, 3, self.stride, 1, name="conv1")(x)
@@ -44,6 +54,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     stem: str = "imagenet"
     conv_impl: str = "auto"
+    weight_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -51,16 +62,22 @@ class ResNet(nn.Module):
         if self.stem not in stems:
             raise ValueError(f"stem must be one of {sorted(stems)}, got {self.stem!r}")
         k, s, p, pool = stems[self.stem]
-        x = Conv(64, k, s, p, use_bias=False, conv_impl=self.conv_impl, name="conv1")(x)
+        torch = check_weight_init(self.weight_init) == "torch"
+        stem_init = {}
+        if torch:  # a small-image stem is a plain nn.Conv2d put in after torchvision's init (see above)
+            fan_in = k * k * x.shape[-1]
+            stem_init = dict(kernel_init=torch_kaiming_fan_out() if self.stem == "imagenet" else torch_uniform(fan_in))
+        x = Conv(64, k, s, p, use_bias=False, conv_impl=self.conv_impl, name="conv1", **stem_init)(x)
         x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
         if pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(64 * 2**i, stride, self.conv_impl, name=f"layer{i + 1}_{j}")(x, train)
+                x = BasicBlock(64 * 2**i, stride, self.conv_impl, self.weight_init, name=f"layer{i + 1}_{j}")(x, train)
         features = x.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, name="fc")(features)
+        inits = torch_layer_inits(features.shape[-1]) if torch else {}
+        logits = nn.Dense(self.num_classes, name="fc", **inits)(features)
         return (logits, features) if return_features else logits
 
 

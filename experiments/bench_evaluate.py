@@ -44,6 +44,11 @@ between a seed's final weights trained alone and trained stacked.
 state and norm statistics stay float32); their rows carry ``dtype``. On a CPU bfloat16 is emulated:
 compare accuracies with the float32 rows, not times.
 
+``--weight-init`` draws the JAX students' fresh weights: ``torch`` (the config's default; PyTorch's
+defaults, as the PyTorch variant's layers draw them) or ``kaiming`` (the toolkit's draw before it had
+the option). Rows of ``torch`` carry ``weight_init``; rows without it (all rows before 2026-12-03) drew
+``kaiming``.
+
 ``--compilation-cache warm`` gives the JAX variants JAX's persistent compilation cache (as the
 command line has by default, `wmdd_jax.compilation_cache`) in a fresh temporary folder, filled by one
 untimed run of each JAX variant before the timed ones: the time of a later ``evaluate`` of the same
@@ -95,6 +100,9 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="config.dtype of the JAX students (bfloat16 rows carry dtype; on a CPU bfloat16 "
                         "is emulated: its accuracy says what it changes, its time nothing of an accelerator)")
+    p.add_argument("--weight-init", choices=("torch", "kaiming"), default="torch",
+                   help="the JAX students' weight_init (the config's default: torch, PyTorch's draws); rows of "
+                        "kaiming (the draw before the option) carry no weight_init, as older rows")
     p.add_argument("--teacher", default=os.path.join(ROOT, "experiments", "teachers", "fashion_mnist_convnet3_bn"))
     p.add_argument("--host-allocator", choices=("tuned", "default"), default="tuned",
                    help="'tuned' applies wmdd_jax.host.tune_host_allocator() before jax starts, as "
@@ -161,6 +169,7 @@ def setup():
     with spec.unlocked():
         spec.model = "convnet3"
         spec.epochs = max(1, int(round(int(config.eval.soft.epochs) * ARGS.epochs_fraction)))
+        spec.weight_init = ARGS.weight_init
     train_source = load_split(config.data, "train")
     test_source = load_split(config.data, "test")
     teacher = load_teacher(config, "", train_source)
@@ -481,6 +490,8 @@ def main():
                 row["conv_impl"] = config.conv_impl
                 if ARGS.dtype != "float32":
                     row["dtype"] = ARGS.dtype
+                if ARGS.weight_init != "kaiming":
+                    row["weight_init"] = ARGS.weight_init
             if cache_dir is not None:  # the whole run's rows, PyTorch's too: their ratios belong together
                 row["compilation_cache"] = "warm"
             row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], command=command,
@@ -489,7 +500,7 @@ def main():
                 row["code_commit"] = commit()
             results.upsert_jsonl(ARGS.out, row,
                                  keys=("benchmark", "ipc", "variant", "devices", "epochs", "machine", "dtype",
-                                       "compilation_cache"))
+                                       "compilation_cache", "weight_init"))
             table.append(row)
 
     print()

@@ -210,8 +210,10 @@ def evaluate_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     order = {"before": 0, "after": 1, "stacked": 2, "pytorch": 3}
-    rows = sorted(rows, key=lambda r: (r["devices"], r["ipc"], r["epochs"], r.get("compilation_cache") or "",
-                                       order.get(r["variant"], 3), r.get("dtype") or ""))
+    rows = sorted(rows, key=lambda r: (r["devices"], r.get("machine", ""), r["ipc"], r["epochs"],
+                                       r.get("compilation_cache") or "",
+                                       order.get(r["variant"], 3), r.get("dtype") or "",
+                                       r.get("weight_init") or ""))
     lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
              "| warm student steps/s | MiB per device | test accuracy % (per seed) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -219,6 +221,10 @@ def evaluate_table(rows: list[dict]) -> str:
         warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
         mib = r.get("per_device_mib")
         variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
+        if r.get("weight_init") == "torch":  # rows without it drew kaiming (bench_evaluate.py --weight-init)
+            variant += " (PyTorch's init)"
+        if r.get("machine", "2-core CPU") != "2-core CPU":  # shared with other runs, or another machine
+            variant += f" [{r['machine']}]"
         if r.get("compilation_cache") == "warm":  # the JAX variants read their programs from a filled cache
             variant += " (same run)" if r["variant"] == "pytorch" else " (warm compilation cache)"
         lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {variant} "

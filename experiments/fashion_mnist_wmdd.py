@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wmdd", "no_barycenter"])
     parser.add_argument("--label-modes", default="('soft','hard')")
     parser.add_argument("--seeds", default="(0,1,2)")
+    parser.add_argument("--machine", default="2-core CPU",
+                        help="what the rows say of the machine (their stage_seconds), e.g. that other jobs shared it")
     parser.add_argument("--copy-from", default=None, metavar="EARLIER_ROOT",
                         help="start each work directory as a copy of EARLIER_ROOT/<method>_ipc<ipc> (same "
                              "teacher and synthesis settings; only --config.eval.* overrides may differ)")
@@ -119,7 +121,7 @@ def main() -> None:
             for mode in modes:  # only the modes this command ran: `shown` is their command
                 rows = [r for r in summary if r["label_mode"] == mode and r["ipc"] == ipc]
                 if rows:
-                    row = dict(rows[-1], command=shown, stage_seconds=timings, machine="2-core CPU")
+                    row = dict(rows[-1], command=shown, stage_seconds=timings, machine=args.machine)
                     if extra:  # a recipe other than the config's: its own row, named by its overrides
                         row["variant"] = " ".join(a[len("--config."):] for a in extra)
                     row["teacher"] = teacher  # synthesis targets, soft labels

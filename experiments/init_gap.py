@@ -6,13 +6,17 @@ LeCun-normal classifier and zero biases; PyTorch's nn.Conv2d / nn.Linear draw U(
 for weights and biases (2.45x smaller convolution weights). This runs bench_evaluate.py's ``after``
 variant (same seeds, subsets, teacher, recipe) with ``torch``: every conv/classifier weight and bias
 redrawn from U(+-1/sqrt(fan_in)) after our init, or ``flax``: our init unchanged.
-A scratch experiment (it execs bench_evaluate.py's definitions), not a library option yet.
+A scratch experiment (it execs bench_evaluate.py's definitions), kept as it made its rows (which
+drew ``flax``: the models' init then, now ``--weight-init kaiming``). The library option it led to is
+``weight_init`` (configs/default.py; ``torch`` the default): ``python experiments/bench_evaluate.py
+--weight-init torch|kaiming`` measures the same question through it.
 
 Usage: python experiments/init_gap.py IPC torch|flax   (appends a row to experiments/results/init_gap.jsonl)
 """
 import sys, time, os, json
 ipc, mode = int(sys.argv[1]), sys.argv[2]
-sys.argv = ["bench", "--ipcs", str(ipc), "--epochs-fraction", "1", "--variants", "after", "--out", "/dev/null"]
+sys.argv = ["bench", "--ipcs", str(ipc), "--epochs-fraction", "1", "--variants", "after", "--out", "/dev/null",
+            "--weight-init", "kaiming"]  # the models' draw when these rows ran ("flax" below)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "experiments", "bench_evaluate.py")
 sys.path.insert(0, ROOT)

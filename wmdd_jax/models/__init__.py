@@ -70,7 +70,7 @@ def create_model(name: str, num_classes: int, *, conv_impl: str = "auto", **opti
 
 
 __all__ = [
-    "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "WEIGHT_INITS", "InstanceNorm", "ResNet", "ResNet18",
-    "ModelEntry", "collect_bn_moments", "create_model", "model_names", "model_options", "pooled_moments",
-    "register_model",
+    "BN_STATS", "BatchNorm", "ConvNet", "ConvNet3", "ConvNet4", "InstanceNorm", "ResNet", "ResNet18",
+    "WEIGHT_INITS", "ModelEntry", "collect_bn_moments", "create_model", "model_names", "model_options",
+    "pooled_moments", "register_model",
 ]

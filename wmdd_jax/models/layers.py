@@ -18,9 +18,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-# How fresh weights are drawn (a model's ``weight_init``, config ``train_spec``): "torch", PyTorch's defaults
-# (what the official WMDD code trains with), or "kaiming", what this toolkit drew before it had the
-# option (kaiming-normal convolutions, zero biases, Flax's LeCun-normal dense layers).
+# How fresh weights are drawn (a model's ``weight_init``, config ``train_spec``): "torch", PyTorch's
+# defaults (what the official WMDD code trains with), or "kaiming", what this toolkit drew before it
+# had the option (kaiming-normal convolutions, zero biases, Flax's LeCun-normal dense layers).
 WEIGHT_INITS = ("torch", "kaiming")
 
 

@@ -3,8 +3,8 @@
 ``weight_init="torch"`` draws what a torchvision ResNet starts from: every convolution
 N(0, 2 / (kh * kw * c_out)) (kaiming-normal, fan-out), the classifier PyTorch's ``nn.Linear``
 default U(+-1/sqrt(fan_in)). The small-image stems are drawn like a plain ``nn.Conv2d``
-(U(+-1/sqrt(fan_in))): the usual way to build them (SRe2L's and WMDD's code among them) replaces
-``conv1`` of a built torchvision model, after its init loop. ``"kaiming"``: the draw of earlier
+(U(+-1/sqrt(fan_in))): the usual way to build them replaces ``conv1`` of a built torchvision
+model, after its init loop has run. ``"kaiming"``: the draw of earlier
 versions (kaiming-normal fan-in convolutions, Flax's LeCun-normal classifier, zero bias).
 """
 

@@ -151,6 +151,23 @@ def test_recipe_is_enforced_only_once_there_are_outputs(tmp_path):
     check_recipe(str(folder), {"lr": 0.2, "crop": (0.5, 1.0)}, "a run")
 
 
+def test_runs_from_before_weight_init_match_kaiming_only(tmp_path):
+    """A run folder written before weight_init existed (its recipe has no such field; it drew kaiming)
+    resumes under weight_init=kaiming and is refused under the new default, torch, naming the field."""
+    from configs.default import train_spec
+    from wmdd_jax.checkpoint import check_recipe
+    from wmdd_jax.train import spec_recipe
+
+    old = {k: v for k, v in spec_recipe(train_spec(weight_init="torch")).items() if k != "weight_init"}
+    folder = tmp_path / "run"
+    check_recipe(str(folder), old, "a training run")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "state").write_text("x")
+    check_recipe(str(folder), spec_recipe(train_spec(weight_init="kaiming")), "a training run")
+    with pytest.raises(UserError, match=r"another recipe \(weight_init: None there, 'torch' now\)"):
+        check_recipe(str(folder), spec_recipe(train_spec()), "a training run")
+
+
 def test_a_diverging_run_stops_with_the_step_and_the_key(tmp_path, splits):
     """A learning rate that sends the loss to NaN: one UserError naming the step and the config key,
     no result and no checkpoint of the diverged state."""

@@ -24,7 +24,11 @@ variants. Four variants, each on the same seeds, side by side in ONE process:
   student as the JAX runs; not the same batches). ``torch.set_num_threads(--torch-threads)``.
 
 How: for each IPC the variants run in turn (``--repeats`` > 1 repeats the round with the order
-rotated; rows then keep the fastest wall time and list all). Before each variant JAX's in-memory
+rotated; rows then keep the fastest wall time and list all). Each row also carries ``cpu_s``, the
+process's CPU seconds during that variant (all threads: the work, whatever the machine's speed), and
+``steal_pct``, the share of the machine's CPU time that went to other guests of the host meanwhile
+(``/proc/stat``; null elsewhere): on a shared VM the cores' speed moves by tens of percent within
+minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike. Before each variant JAX's in-memory
 caches are cleared, so every variant pays its own compilation as a fresh ``evaluate`` process does;
 each variant gets a fresh temporary work directory (deleted after), so nothing is reused. ``wall_s``
 covers the training and the test accuracy of all seeds, compilation included (it is part of the
@@ -76,6 +80,7 @@ import datetime
 import json
 import math
 import os
+import resource
 import shlex
 import shutil
 import sys
@@ -438,11 +443,15 @@ def main():
                 clear_caches()
                 print(f"ipc {ipc}: {variant} (round {rep + 1}/{ARGS.repeats}, {len(ARGS.seeds)} seeds x {steps} "
                       f"steps)...", flush=True)
+                start = host_sample()
                 out = run_pytorch(ctx, ipc, test_x, test_y, t_teacher) if variant == "pytorch" else \
                     run_jax(variant, ctx, ipc)
+                out.update(host_share(start, host_sample()))
                 out["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 outcome[variant].append(out)
-                print(f"  {out['wall_s']:.1f} s, accuracies {[round(x, 2) for x in out['accuracies']]}", flush=True)
+                steal = "" if out["steal_pct"] is None else f", {out['steal_pct']}% of the machine stolen"
+                print(f"  {out['wall_s']:.1f} s ({out['cpu_s']:.0f} CPU s{steal}), accuracies "
+                      f"{[round(x, 2) for x in out['accuracies']]}", flush=True)
         best = {v: min(outs, key=lambda o: o["wall_s"]) for v, outs in outcome.items()}
         memory, one, layout = None, None, None
         if "stacked" in ARGS.variants and not ARGS.no_memory:
@@ -494,7 +503,8 @@ def main():
                     row["weight_init"] = ARGS.weight_init
             if cache_dir is not None:  # the whole run's rows, PyTorch's too: their ratios belong together
                 row["compilation_cache"] = "warm"
-            row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], command=command,
+            row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], cpu_s=out["cpu_s"],
+                       steal_pct=out["steal_pct"], command=command,
                        date=datetime.date.today().isoformat())
             if commit is not None:
                 row["code_commit"] = commit()
@@ -515,6 +525,29 @@ def main():
     print(f"\nrows: {ARGS.out}")
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def host_sample() -> tuple[float, int | None, int | None]:
+    """(this process's CPU seconds, the machine's CPU jiffies in all and stolen) from /proc/stat."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return usage.ru_utime + usage.ru_stime, None, None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is in user already
+    return usage.ru_utime + usage.ru_stime, sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def host_share(start, end) -> dict:
+    """What the variant got of the machine between two `host_sample`s: ``cpu_s``, its own CPU seconds
+    (threads included: the work done, whatever the machine's speed), and ``steal_pct``, the share of the
+    machine's CPU time the hypervisor gave to other guests (a shared VM's hidden load: wall times of
+    variants with different shares do not compare)."""
+    out = dict(cpu_s=round(end[0] - start[0], 2), steal_pct=None)
+    if start[1] is not None and end[1] is not None and end[1] > start[1]:
+        out["steal_pct"] = round(100.0 * (end[2] - start[2]) / (end[1] - start[1]), 1)
+    return out
 
 
 def _r(x, digits=3):

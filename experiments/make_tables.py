@@ -215,11 +215,11 @@ def evaluate_table(rows: list[dict]) -> str:
                                        order.get(r["variant"], 3), r.get("dtype") or "",
                                        r.get("weight_init") or ""))
     lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
-             "| warm student steps/s | MiB per device | test accuracy % (per seed) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| warm student steps/s | MiB per device | host CPU stolen % | test accuracy % (per seed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
-        mib = r.get("per_device_mib")
+        mib, steal = r.get("per_device_mib"), r.get("steal_pct")  # steal_pct: rows from f7eb210 on
         variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
         if r.get("weight_init") == "torch":  # rows without it drew kaiming (bench_evaluate.py --weight-init)
             variant += " (PyTorch's init)"
@@ -229,7 +229,8 @@ def evaluate_table(rows: list[dict]) -> str:
             variant += " (same run)" if r["variant"] == "pytorch" else " (warm compilation cache)"
         lines.append(f"| {r['ipc']} | {r['epochs']} ({r['steps_per_student']}) | {r['devices']} | {variant} "
                      f"| {r['wall_s']:.0f} | {'' if speedup is None else f'{speedup:.2f}'} | {'' if warm is None else f'{warm:.1f}'} "
-                     f"| {'' if mib is None else f'{mib:.0f}'} | {_pm(dict(r, n_seeds=len(r['accuracies'])))} "
+                     f"| {'' if mib is None else f'{mib:.0f}'} | {'' if steal is None else f'{steal:.0f}'} "
+                     f"| {_pm(dict(r, n_seeds=len(r['accuracies'])))} "
                      f"({', '.join(f'{v:.2f}' for v in r['accuracies'])}) |")
     return "\n".join(lines)
 

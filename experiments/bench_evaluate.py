@@ -28,9 +28,10 @@ rotated; rows then keep the fastest wall time and list all). Each row also carri
 process's CPU seconds during that variant (all threads: the work, whatever the machine's speed), and
 ``steal_pct``, the share of the machine's CPU time that went to other guests of the host meanwhile
 (``/proc/stat``; null elsewhere): on a shared VM the cores' speed moves by tens of percent within
-minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike. Before each variant JAX's in-memory
-caches are cleared, so every variant pays its own compilation as a fresh ``evaluate`` process does;
-each variant gets a fresh temporary work directory (deleted after), so nothing is reused. ``wall_s``
+minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike. Before each
+variant JAX's in-memory caches are cleared, so every variant pays its own compilation as a fresh
+``evaluate`` process does; each variant gets a fresh temporary work directory (deleted after), so
+nothing is reused. ``wall_s``
 covers the training and the test accuracy of all seeds, compilation included (it is part of the
 stage's time); the splits and the teacher are loaded once, outside. ``warm_steps_per_s``: steps per
 second after the first logging window (which holds the compilation), from the ``steps_per_s`` curve

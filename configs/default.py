@@ -75,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.seeds = (0, 1, 2)
     config.eval.split = "test"           # test | validation (for tuning)
     # The seeds of one model and label mode: stack (one vmapped program) | sequence (one compiled step,
-    # in turn) | auto (stack on GPU/TPU or several devices; sequence on one CPU device: measured faster).
+    # in turn) | concurrent (one compiled step, each seed in a thread; one device, one process) | auto
+    # (stack on GPU/TPU or several devices; concurrent on one CPU device, where it fills the cores).
     config.eval.together = "auto"
     config.eval.relabel_seed = 0         # batch order + augmentation of stored soft labels
     # DC/DM protocol: SGD 0.01, lr/10 at half, wd 5e-4, batch 256, no augmentation.

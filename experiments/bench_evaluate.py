@@ -7,11 +7,13 @@ teacher ``experiments/teachers/fashion_mnist_convnet3_bn`` at T=20, run online),
 (instance norm, width 128), and testing each on the test split. The images of seed s are the random
 real subset ``random_subset(train, ipc, s)`` (training on it costs what a synthetic set of that size
 costs). Epochs: ``--epochs-fraction`` of the recipe's 300 (1 = the real protocol), the same for all
-variants. Four variants, each on the same seeds, side by side in ONE process:
+variants. Five variants, each on the same seeds, side by side in ONE process:
 
 * ``before``: ``wmdd_jax.train.train`` per seed, one after another (each its own program);
 * ``after``: ``wmdd_jax.train.train_group`` of all seeds with its default (``together="auto"``: on
-  one CPU device the seeds run in turn through one compiled step), as ``wmdd_jax.evaluate`` does;
+  one CPU device the seeds run concurrently, each in a thread, through one compiled step; rows of
+  before 2026-12-03 ran them in turn, as ``sequence`` now does), as ``wmdd_jax.evaluate`` does;
+* ``sequence``: ``train_group(..., together="sequence")``: the seeds in turn through one compiled step;
 * ``stacked``: ``train_group(..., together="stack")``: states stacked, one vmapped program
   (the default on GPU/TPU and over several devices);
 * ``pytorch``: a plain PyTorch loop (the DC/SRe2L way), the students one after another: a ConvNet-3
@@ -37,9 +39,11 @@ stage's time); the splits and the teacher are loaded once, outside. ``warm_steps
 second after the first logging window (which holds the compilation), from the ``steps_per_s`` curve
 of the runs' event files (JAX; null when a run has a single window, i.e. <= 50 steps) or timed
 after the first tenth of the steps (PyTorch); ``warm_student_steps_per_s`` multiplies by the
-students one step advances (3 for ``stacked``). ``train_loop_s``: the training loops alone (JAX:
-result.json's ``seconds``, step compilation included; the rest of ``wall_s`` is initialisation,
-checkpoints and testing); ``images_per_s``: student images trained per second of it, all seeds.
+students one step advances (3 for ``stacked``) or that step at the same time (3 for a concurrent
+``after``). ``train_loop_s``: the training loops alone (JAX: result.json's ``seconds``, step
+compilation included; the longest of the seeds' when they overlap; the rest of ``wall_s`` is
+initialisation, checkpoints and testing); ``images_per_s``: student images trained per second of
+it, all seeds.
 For ``stacked``, ``per_device_mib``: XLA's memory analysis (argument + output + temp - alias) of the
 stacked step compiled for the same shapes and mesh, per device (``per_device_mib_one_student``: the
 same for one unstacked student), and ``max_abs_weight_diff_vs_before``: the largest difference
@@ -89,7 +93,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("before", "after", "stacked", "pytorch")
+VARIANTS = ("before", "after", "sequence", "stacked", "pytorch")
 
 
 def parse_args(argv):
@@ -230,7 +234,8 @@ def run_jax(variant, ctx, ipc):
             trained = [train(model, spec, r.source, r.workdir, seed=r.seed, inputs=r.inputs, desc=r.desc, **common)
                        for r in runs]
         else:
-            trained = train_group(model, spec, runs, together="stack" if variant == "stacked" else "auto", **common)
+            together = {"stacked": "stack", "sequence": "sequence"}.get(variant, "auto")
+            trained = train_group(model, spec, runs, together=together, **common)
         wall = time.perf_counter() - t0
         done = [json.load(open(os.path.join(r.workdir, "result.json"))) for r in runs]
         rates = [warm_rate(r.workdir) for r in runs]
@@ -239,13 +244,18 @@ def run_jax(variant, ctx, ipc):
         shutil.rmtree(root, ignore_errors=True)
     warm = float(np.mean(rates)) if all(r is not None for r in rates) else None
     per_step = done[0].get("trained_with", 1)  # students one step advances
-    # result.json's seconds: the training loop (step compilation included), shared by runs trained together
-    loop = sum(d["seconds"] for d in done) if per_step == 1 else max(d["seconds"] for d in done)
+    # result.json's seconds: the training loop (step compilation included), shared by runs trained
+    # together (stacked) and overlapping for runs trained concurrently (in threads)
+    overlap = per_step > 1 or done[0].get("concurrent_with", 1) > 1
+    loop = max(d["seconds"] for d in done) if overlap else sum(d["seconds"] for d in done)
     return dict(wall_s=wall, accuracies=[t.test_accuracy for t in trained],
                 variables=[jax.tree.map(np.asarray, t.variables) for t in trained], train_loop_s=loop,
                 images_per_s=len(runs) * steps * batch / loop,
                 trained_with=done[0].get("trained_with"),
-                warm_steps_per_s=warm, warm_student_steps_per_s=None if warm is None else warm * per_step)
+                warm_steps_per_s=warm,
+                # concurrent runs step at the same time: the students' rates add up
+                warm_student_steps_per_s=None if warm is None else warm * (len(runs) if overlap and per_step == 1
+                                                                            else per_step))
 
 
 def step_memory(ctx, ipc, num_runs):

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from wmdd_jax.errors import UserError
 from wmdd_jax.metric_writers import read_scalars
 from wmdd_jax.models import create_model
 from wmdd_jax.optim import soft_label_loss
+from wmdd_jax import predict as predict_module
 from wmdd_jax import train as train_module
 from wmdd_jax import train_step as train_step_module
 from wmdd_jax.train import Run, train, train_group
@@ -243,6 +245,69 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, splits):
                 f.write(b"garbage")
     with pytest.raises(UserError, match="delete that folder"):
         train(model, spec, train_source, str(tmp_path), seed=0, verbose=False)
+
+
+def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, splits, monkeypatch):
+    """Seeds trained at once, each in a thread (``together='concurrent'``, what ``auto`` picks on one CPU
+    device), end bit for bit where they end in turn and compile each program once; a run that fails
+    stops the others and its own error comes out; all resume."""
+    assert jax.default_backend() == "cpu" and jax.process_count() == 1
+    train_source, test_source = splits
+    spec = tiny_spec(epochs=1, batch_size=40, checkpoint_every_steps=2, augment=dict(flip=True, shift=2))
+    model = create_model("convnet3", 10, width=8, norm="batch", conv_impl=CONV_IMPL)
+    small = [train_source.subset(np.arange(s * 7, s * 7 + 200)) for s in range(3)]
+
+    def runs(root, sources=small):
+        return [Run(src, str(tmp_path / root / f"seed{s}"), seed=s, data_seed=10 + s) for s, src in enumerate(sources)]
+
+    def programs_compiled(together, root):
+        """What ``train_group`` returns, how many programs it lowered (each lowering is compiled or read
+        from the persistent cache) and in how many threads its runs trained."""
+        jax.clear_caches()
+        predict_module._predict_fn.cache_clear()
+        lowered, threads = [], set()
+
+        def listen(event, _seconds, **_):
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                lowered.append(event)
+
+        real = train_module._train_together
+        monkeypatch.setattr(train_module, "_train_together",
+                            lambda *a, **kw: threads.add(threading.current_thread().name) or real(*a, **kw))
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        try:
+            out = train_group(model, spec, runs(root), test_source=test_source, verbose=False, together=together)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listen)
+        return out, len(lowered), len(threads)
+
+    in_turn, compiled_in_turn, threads = programs_compiled("sequence", "turn")
+    assert threads == 1
+    at_once, compiled_at_once, threads = programs_compiled("auto", "once")
+    assert threads == 3
+    # The same programs: a second compilation of the step or the predictions would add one (or three).
+    assert compiled_at_once == compiled_in_turn
+    # Each thread runs the very program a run in turn runs, on the same inputs: XLA:CPU's results do
+    # not depend on what else runs meanwhile (Eigen splits work by sizes and pool size, not by load).
+    for a, b in zip(in_turn, at_once):
+        assert a.test_accuracy == b.test_accuracy
+        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+            np.testing.assert_array_equal(x, y)
+    for r in runs("once"):
+        assert json.load(open(os.path.join(r.workdir, "result.json")))["concurrent_with"] == 3
+    # The second run fails at its 4th batch (after its checkpoint at step 2): the others stop at their
+    # next step and its error, not theirs, comes out. Then all resume to the same ends.
+    with pytest.raises(Interrupted):
+        train_group(model, spec, runs("cut", [small[0], FailingSource(small[1], 3), small[2]]),
+                    test_source=test_source, verbose=False, together="concurrent")
+    assert json.load(open(os.path.join(runs("cut")[1].workdir, "recipe.json"))) and \
+        os.listdir(os.path.join(runs("cut")[1].workdir, "checkpoints"))
+    resumed = train_group(model, spec, runs("cut"), test_source=test_source, verbose=False)
+    for a, b in zip(in_turn, resumed):
+        assert a.test_accuracy == b.test_accuracy
+        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+            np.testing.assert_array_equal(x, y)
+    assert json.load(open(os.path.join(runs("cut")[1].workdir, "result.json")))["resumed_from"] == 2
 
 
 def test_runs_trained_together_equal_runs_trained_alone_and_resume(tmp_path, splits):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import zipfile
 from typing import Any
 
@@ -17,6 +18,12 @@ from wmdd_jax import files
 from wmdd_jax.errors import UserError
 
 
+# Orbax's calls are not safe from several threads at once: the ids of its save signals get mixed and a
+# save times out (seen with `wmdd_jax.train.train_group`'s concurrent runs). Every call below holds this
+# lock for its synchronous part; the writes themselves still overlap in orbax's background threads.
+_ORBAX = threading.RLock()
+
+
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A manager over ``directory`` (made absolute, created when missing).
 
@@ -26,13 +33,21 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """
     directory = os.path.abspath(directory)
     key = hashlib.sha1(directory.encode()).hexdigest()[:12]
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"ckpt{key}")))
+    with _ORBAX:
+        return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"ckpt{key}")))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree: Any) -> None:
-    mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+    with _ORBAX:
+        mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Waits until ``mngr``'s saves in flight are written."""
+    with _ORBAX:
+        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
@@ -40,13 +55,14 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
 
     Returns ``target`` unchanged when there is no checkpoint yet.
     """
-    mngr.wait_until_finished()
+    wait(mngr)
     step = mngr.latest_step() if step is None else step
     if step is None:
         return target
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        with _ORBAX:
+            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for unreadable files
         raise UserError(f"checkpoint {mngr.directory}/{step} cannot be restored ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}); delete that folder to start the stage over") from e
@@ -72,7 +88,7 @@ def read_npz(path: str, stage: str) -> dict:
 
 def save_tree(path: str, tree: Any) -> None:
     """Writes one pytree (e.g. final model variables) to ``path``, replacing what is there."""
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _ORBAX, ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(path), tree, force=True)
 
 
@@ -82,7 +98,7 @@ def load_tree(path: str, target: Any) -> Any:
         raise UserError(f"no checkpoint at {path}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _ORBAX, ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(os.path.abspath(path), abstract)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be restored ({type(e).__name__}: "

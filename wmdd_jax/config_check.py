@@ -12,6 +12,7 @@ import math
 from wmdd_jax.data import available
 from wmdd_jax.errors import UserError
 from wmdd_jax.models import WEIGHT_INITS, model_names
+from wmdd_jax.train import TOGETHER
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "step", "constant")
@@ -92,7 +93,7 @@ def check_config(config) -> None:
     _one_of(config, "conv_impl", CONV_IMPLS)
     _one_of(config, "dtype", DTYPES)
     _one_of(config, "precision", PRECISIONS)
-    _one_of(config, "eval.together", ("auto", "stack", "sequence"))
+    _one_of(config, "eval.together", TOGETHER)
     _one_of(config, "data.name", available())
     _positive_int(config, "data.validation_per_class", zero_ok=True)
     check_train_spec(config, "teacher")

@@ -19,6 +19,17 @@ def _predict_fn(model: nn.Module, stacked: bool):
     return jax.jit(jax.vmap(predict, in_axes=(0, None, None, None)) if stacked else predict)
 
 
+def compile_predict(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
+                    stacked: bool = False) -> None:
+    """Compiles the program `predict_classes` runs for these arguments, without running it (its later
+    calls find it in jit's cache): one thread compiles it while others wait, instead of each compiling
+    it again (`wmdd_jax.train.train_group`'s concurrent runs)."""
+    image, _ = source.get(np.zeros(1, np.int64))
+    images = jax.ShapeDtypeStruct((batch_size, *image.shape[1:]), image.dtype)
+    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    _predict_fn(model, stacked).lower(variables, images, mean, std).compile()
+
+
 def predict_classes(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
                     stacked: bool = False) -> np.ndarray:
     """``[len(source)]`` predicted classes of all of ``source``; last batch padded, one compile per model.

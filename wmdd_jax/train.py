@@ -11,9 +11,12 @@ ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -29,7 +32,7 @@ from wmdd_jax.data import Source
 from wmdd_jax.errors import UserError
 from wmdd_jax.metric_writers import EventFileWriter
 from wmdd_jax.optim import make_optimizer, make_schedule
-from wmdd_jax.predict import evaluate_accuracy
+from wmdd_jax.predict import compile_predict, evaluate_accuracy
 from wmdd_jax.train_step import (Precision, Teacher, TrainState, batch_indices, batch_plan, init_variables,
                                  make_train_step)
 
@@ -88,10 +91,15 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
     ``precision``: the step's compute dtype and matmul precision (`Precision`; float32 by default).
 
     ``together``: ``stack`` (the stacked program above), ``sequence`` (one run after another, all
-    through one compiled step) or ``auto``: stack on GPU/TPU or over several devices, where one
-    small run cannot fill the hardware; in sequence on a single CPU device, where stacking 3 runs
-    gained nothing (5.0 against 5.8 student steps/s, the stage 112 s against 95 s at IPC 50, 3x the
-    memory; `experiments/bench_evaluate.py`, 2026-12-02).
+    through one compiled step), ``concurrent`` (each run in a thread of its own through one compiled
+    step, all at once, then tested at once; one device and one process only) or ``auto``: stack on
+    GPU/TPU or over several devices, where one small run cannot fill the hardware; concurrent on a
+    single CPU device (in sequence when several processes share the work without a mesh). There one
+    run's step keeps only part of the cores busy (XLA's CPU programs run
+    their element-wise parts on one thread), stacking 3 runs gained nothing (5.0 against 5.8 student
+    steps/s, the stage 112 s against 95 s at IPC 50, 3x the memory; `experiments/bench_evaluate.py`,
+    2026-12-02), and independent runs in threads fill the cores: each runs exactly the program it
+    would run alone (same results as ``sequence``, tested).
 
     ``mesh``: the devices to train on (`wmdd_jax.sharding.make_mesh`). The run axis is split over
     them when the number of runs is a multiple of the device count, else the batch axis when the
@@ -122,6 +130,17 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
     if stored_targets is not None and stored_targets.shape[:2] != (total_steps, batch_size):
         raise ValueError(f"stored soft labels are for {stored_targets.shape[:2]} (steps, batch), "
                          f"this run is {(total_steps, batch_size)}")
+    if together not in TOGETHER:
+        raise ValueError(f"together must be one of {TOGETHER}, got {together!r}")
+    several = mesh is not None and mesh.size > 1
+    if together == "auto":
+        together = ("stack" if several or jax.default_backend() != "cpu" else
+                    "concurrent" if jax.process_count() == 1 else "sequence")
+    if together == "concurrent" and (several or jax.process_count() > 1):
+        # Threads of one process would issue the collectives of a sharded step in any order (a hang).
+        raise UserError(f"together='concurrent' trains on one device in one process; this run has "
+                        f"{mesh.size if several else 1} devices in {jax.process_count()} processes: use "
+                        f"'stack' or 'sequence' (--config.eval.together)")
     tx = make_optimizer(spec, total_steps)
     results: list[TrainResult | None] = [None] * len(runs)
     pending = []
@@ -132,24 +151,83 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
         else:
             pending.append((i, *prepared))
     starts = [int(p[2].step) for p in pending]  # read now: training donates the states' buffers
-    if together not in ("auto", "stack", "sequence"):
-        raise ValueError(f"together must be auto, stack or sequence, got {together!r}")
-    if together == "auto":
-        several = mesh is not None and mesh.size > 1
-        together = "stack" if several or jax.default_backend() != "cpu" else "sequence"
     groups = [(start, [p for p, s in zip(pending, starts) if s == start]) for start in sorted(set(starts))]
-    if together == "sequence":
+    if together in ("sequence", "concurrent"):
         groups = [(start, [p]) for start, group in groups for p in group]
-    compiled: dict = {}  # one jitted step for the runs trained one after another
-    for start, group in groups:
-        trained = _train_together(model, spec, tx, [p[1] for p in group], [p[2] for p in group],
-                                  [p[3] for p in group], start, batch_size, total_steps,
-                                  test_source=test_source, teacher=teacher, stored_targets=stored_targets,
-                                  verbose=verbose, config_key=config_key, mesh=mesh, precision=precision,
-                                  compiled=compiled)
+    compiled: dict = {}  # one jitted step for the runs trained one after another or concurrently
+
+    def train_part(part, start, group, shared):
+        try:
+            trained = _train_together(model, spec, tx, [p[1] for p in group], [p[2] for p in group],
+                                      [p[3] for p in group], start, batch_size, total_steps,
+                                      test_source=test_source, teacher=teacher, stored_targets=stored_targets,
+                                      verbose=verbose, config_key=config_key, mesh=mesh, precision=precision,
+                                      compiled=compiled, shared=shared, position=part)
+        except BaseException:
+            if shared is not None:
+                shared.stop.set()  # the other threads stop at their next step
+            raise
         for p, result in zip(group, trained):
             results[p[0]] = result
+
+    if together != "concurrent" or len(groups) < 2:
+        for start, group in groups:
+            train_part(0, start, group, None)
+        return results
+    shared = _Shared(len(groups))
+    with ThreadPoolExecutor(len(groups), thread_name_prefix="train_group") as pool:
+        futures = [pool.submit(train_part, i, start, group, shared) for i, (start, group) in enumerate(groups)]
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C: every run stops at its next step (its last checkpoint is kept)
+            shared.stop.set()
+            raise
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None and not isinstance(e, _Stopped)),
+                 next((e for e in errors if e is not None), None))
+    if first is not None:
+        raise first  # the error of the run that failed, not the stops it caused
     return results
+
+
+TOGETHER = ("auto", "stack", "sequence", "concurrent")
+
+
+class _Shared:
+    """What the threads of ``together='concurrent'`` share: a lock for what one of them makes for all
+    (the jitted step; jit itself compiles a program once when threads call it at the same time), the
+    thread that compiles the test predictions while the runs train, and a flag that stops them all."""
+
+    def __init__(self, runs: int):
+        self.lock = threading.Lock()
+        self.predict: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.runs = runs
+
+    def compile_predict(self, model, variables, source, stacked) -> None:
+        """Starts compiling the test predictions in the background (once): a compilation keeps part
+        of the cores busy, the training threads the rest. A failure there is left to the
+        predictions themselves, which compile again and raise it."""
+        def work(shapes):
+            try:
+                compile_predict(model, shapes, source, stacked=stacked)
+            except Exception:  # noqa: BLE001 (raised again, where it matters, by the predictions)
+                pass
+
+        with self.lock:
+            if self.predict is None:
+                shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      variables)
+                self.predict = threading.Thread(target=work, args=(shapes,), name="compile_predict", daemon=True)
+                self.predict.start()
+
+    def wait_predict(self) -> None:
+        if self.predict is not None:
+            self.predict.join()
+
+
+class _Stopped(Exception):
+    """A concurrent run stopped because another one failed or the user interrupted."""
 
 
 def _prepare(model, spec, tx, run: Run, n: int, stored: bool, precision: Precision):
@@ -176,20 +254,26 @@ def _prepare(model, spec, tx, run: Run, n: int, stored: bool, precision: Precisi
 
 
 def _train_together(model, spec, tx, runs, states, managers, start, batch_size, total_steps, *, test_source,
-                    teacher, stored_targets, verbose, config_key, mesh, precision, compiled) -> list[TrainResult]:
+                    teacher, stored_targets, verbose, config_key, mesh, precision, compiled, shared=None,
+                    position=0) -> list[TrainResult]:
     """Steps ``runs`` (all at step ``start``) to the end together; writes each one's files.
 
-    ``compiled``: jitted steps by layout (and the learning-rate schedule), reused by the next groups."""
+    ``compiled``: jitted steps by layout (and the learning-rate schedule), reused by the next groups.
+    ``shared``: a `_Shared` when this is one of several threads (``together='concurrent'``);
+    ``position``: the line of this thread's progress bar."""
     stacked = len(runs) > 1
     source = runs[0].source
     mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
     layout = placement.BatchLayout(mesh, len(runs) if stacked else None, batch_size)
     key = (len(runs), layout.mode, layout.mesh)
-    if key not in compiled:
-        compiled[key] = make_train_step(model, tx, spec, mean, std, teacher, stacked=stacked,
-                                        out_shardings=None if layout.mode == "single" else
-                                        (layout.state_sharding, layout.replicated), precision=precision)
-    step_fn = compiled[key]
+    with shared.lock if shared is not None else contextlib.nullcontext():
+        if key not in compiled:
+            compiled[key] = make_train_step(model, tx, spec, mean, std, teacher, stacked=stacked,
+                                            out_shardings=None if layout.mode == "single" else
+                                            (layout.state_sharding, layout.replicated), precision=precision)
+        if "schedule" not in compiled:  # one compile for all groups
+            compiled["schedule"] = jax.jit(make_schedule(spec, total_steps))
+    step_fn, schedule = compiled[key], compiled["schedule"]
     state = layout.put_state(placement.stack(states) if stacked else states[0])
     teacher_vars = layout.put_replicated(teacher.variables) if teacher is not None else None
     n = len(source)
@@ -201,13 +285,11 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
     t0, last_save = time.time(), time.time()
     desc = runs[0].desc if not stacked else f"{runs[0].desc} (+{len(runs) - 1} more)"
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not verbose or not writes,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, position=position)
     running, unchecked = [], []
     metric_files = [open(os.path.join(r.workdir, "metrics.jsonl"), "a") if writes else None for r in runs]
     curves = [EventFileWriter(r.workdir) for r in runs]  # the same scalars for TensorBoard
-    if "schedule" not in compiled:  # one compile for all groups
-        compiled["schedule"] = jax.jit(make_schedule(spec, total_steps))
-    schedule, last_log = compiled["schedule"], (start, time.time())
+    last_log = (start, time.time())
 
     def check_finite(params=None):  # before anything is logged or saved: a diverged state must not be kept
         bad = None
@@ -234,7 +316,11 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
             images, labels, w = layout.load(runs, weights, lambda run: batch_indices(n, batch_size, step,
                                                                                      run.data_seed))
             stored = stored_targets[step] if stored_targets is not None else None
+            if shared is not None and shared.stop.is_set():
+                raise _Stopped()
             state, metrics = step_fn(state, images, labels, w, data_seeds, teacher_vars, stored)
+            if shared is not None and step == start and test_source is not None:
+                shared.compile_predict(model, _variables(state), test_source, stacked)
             running.append(metrics)
             done_steps = step + 1
             unchecked.append((done_steps, metrics["loss"]))
@@ -270,22 +356,25 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
             if f is not None:
                 f.close()
         for manager in managers:
-            manager.wait_until_finished()
+            ckpt.wait(manager)
     seconds = time.time() - t0
     state, results = layout.gather(state), []
     accuracies = [None] * len(runs)
     if test_source is not None:  # the runs trained together are tested together
+        if shared is not None:
+            shared.wait_predict()
         accuracies = evaluate_accuracy(model, _variables(state), test_source, stacked=stacked)
         accuracies = accuracies if stacked else [accuracies]
     for i, run in enumerate(runs):
         variables = _variables(member(state, i))
         ckpt.save_tree(os.path.join(run.workdir, "final"), variables)
         # seconds cover this process's part of the run (from step ``resumed_from``), shared by the runs
-        # trained together; images_per_s counts the images of all of them.
+        # trained together (stacked) and overlapping with the ``concurrent_with`` - 1 runs of other
+        # threads; images_per_s counts the images of the runs trained together.
         if writes:
             files.write_json(os.path.join(run.workdir, "result.json"), {
                 "test_accuracy": accuracies[i], "steps": total_steps, "seconds": seconds, "resumed_from": start,
-                "trained_with": len(runs),
+                "trained_with": len(runs), "concurrent_with": shared.runs if shared is not None else 1,
                 "images_per_s": len(runs) * (total_steps - start) * batch_size / max(seconds, 1e-9)})
         results.append(TrainResult(variables, accuracies[i], total_steps, seconds))
     return results

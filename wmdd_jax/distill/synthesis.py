@@ -179,7 +179,7 @@ def recover(config, workdir: str) -> np.ndarray:
     finally:
         bar.close()
         curves.close()
-        manager.wait_until_finished()
+        ckpt.wait(manager)
     rows = sharding.local_class_rows(state.images, C)
     pixels = np.clip(np.asarray(denormalize(np.stack([rows[k] for k in classes]), source.mean, source.std)), 0, 1)
     pixels = pixels.reshape(len(classes) * m, *pixels.shape[2:])

@@ -251,7 +251,7 @@ def run_jax(variant, ctx, ipc):
     return dict(wall_s=wall, accuracies=[t.test_accuracy for t in trained],
                 variables=[jax.tree.map(np.asarray, t.variables) for t in trained], train_loop_s=loop,
                 images_per_s=len(runs) * steps * batch / loop,
-                trained_with=done[0].get("trained_with"),
+                trained_with=done[0].get("trained_with"), concurrent_with=done[0].get("concurrent_with", 1),
                 warm_steps_per_s=warm,
                 # concurrent runs step at the same time: the students' rates add up
                 warm_student_steps_per_s=None if warm is None else warm * (len(runs) if overlap and per_step == 1
@@ -494,8 +494,9 @@ def main():
                 stats = jax.devices()[0].memory_stats()  # None on CPU; on an accelerator the process's peak
                 if stats and "peak_bytes_in_use" in stats:
                     row["device0_process_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 2)
-            if variant in ("after", "stacked"):
+            if variant in ("after", "sequence", "stacked"):
                 row["trained_with"] = out.get("trained_with")
+                row["concurrent_with"] = out.get("concurrent_with")
                 if "before" in best:
                     diffs = [max(float(np.max(np.abs(x - y))) for x, y in
                                  zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -209,10 +209,10 @@ def evaluate_table(rows: list[dict]) -> str:
     """The evaluate stage's students: one at a time, stacked, and PyTorch (experiments/bench_evaluate.py)."""
     if not rows:
         return ""
-    order = {"before": 0, "after": 1, "stacked": 2, "pytorch": 3}
+    order = {"before": 0, "sequence": 1, "after": 2, "stacked": 3, "pytorch": 4}
     rows = sorted(rows, key=lambda r: (r["devices"], r.get("machine", ""), r["ipc"], r["epochs"],
                                        r.get("compilation_cache") or "",
-                                       order.get(r["variant"], 3), r.get("dtype") or "",
+                                       order.get(r["variant"], 4), r.get("dtype") or "",
                                        r.get("weight_init") or ""))
     lines = ["| IPC | epochs (steps per student) | devices | variant | wall s, 3 students | PyTorch's time / ours "
              "| warm student steps/s | MiB per device | host CPU stolen % | test accuracy % (per seed) |",
@@ -221,6 +221,8 @@ def evaluate_table(rows: list[dict]) -> str:
         warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
         mib, steal = r.get("per_device_mib"), r.get("steal_pct")  # steal_pct: rows from f7eb210 on
         variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
+        if r.get("concurrent_with", 1) > 1:  # the seeds in threads at once (rows from 2026-12-03 on)
+            variant += " (concurrent)"
         if r.get("weight_init") == "torch":  # rows without it drew kaiming (bench_evaluate.py --weight-init)
             variant += " (PyTorch's init)"
         if r.get("machine", "2-core CPU") != "2-core CPU":  # shared with other runs, or another machine

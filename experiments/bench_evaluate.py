@@ -30,7 +30,8 @@ rotated; rows then keep the fastest wall time and list all). Each row also carri
 process's CPU seconds during that variant (all threads: the work, whatever the machine's speed), and
 ``steal_pct``, the share of the machine's CPU time that went to other guests of the host meanwhile
 (``/proc/stat``; null elsewhere): on a shared VM the cores' speed moves by tens of percent within
-minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike. Before each
+minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike (the fastest
+round's; ``cpu_s_all`` and ``steal_pct_all`` list every round's, rows from 2026-12-03 on). Before each
 variant JAX's in-memory caches are cleared, so every variant pays its own compilation as a fresh
 ``evaluate`` process does; each variant gets a fresh temporary work directory (deleted after), so
 nothing is reused. ``wall_s``
@@ -516,7 +517,8 @@ def main():
             if cache_dir is not None:  # the whole run's rows, PyTorch's too: their ratios belong together
                 row["compilation_cache"] = "warm"
             row.update(machine=ARGS.machine, load_avg_1m=out["load_avg_1m"], cpu_s=out["cpu_s"],
-                       steal_pct=out["steal_pct"], command=command,
+                       steal_pct=out["steal_pct"], cpu_s_all=[o["cpu_s"] for o in outcome[variant]],
+                       steal_pct_all=[o["steal_pct"] for o in outcome[variant]], command=command,
                        date=datetime.date.today().isoformat())
             if commit is not None:
                 row["code_commit"] = commit()

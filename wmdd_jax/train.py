@@ -95,11 +95,12 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
     step, all at once, then tested at once; one device and one process only) or ``auto``: stack on
     GPU/TPU or over several devices, where one small run cannot fill the hardware; concurrent on a
     single CPU device (in sequence when several processes share the work without a mesh). There one
-    run's step keeps only part of the cores busy (XLA's CPU programs run
-    their element-wise parts on one thread), stacking 3 runs gained nothing (5.0 against 5.8 student
-    steps/s, the stage 112 s against 95 s at IPC 50, 3x the memory; `experiments/bench_evaluate.py`,
-    2026-12-02), and independent runs in threads fill the cores: each runs exactly the program it
-    would run alone (same results as ``sequence``, tested).
+    run's step leaves part of the cores idle, stacking 3 runs gained nothing (5.0 against 5.8 student
+    steps/s, the stage 112 s against 95 s at IPC 50, 3x the memory), and 3 runs in threads used 94-97%
+    of the CPU the host left the process against 86-87% in turn (`experiments/bench_evaluate.py`
+    ``--variants sequence,after``, docs/results.md). Each thread runs exactly the program its run
+    runs alone (the same results as ``sequence``, bit for bit, tested); the runs hold their states
+    and activations at once, as stacked runs do.
 
     ``mesh``: the devices to train on (`wmdd_jax.sharding.make_mesh`). The run axis is split over
     them when the number of runs is a multiple of the device count, else the batch axis when the

@@ -22,8 +22,9 @@ def _predict_fn(model: nn.Module, stacked: bool):
 def compile_predict(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
                     stacked: bool = False) -> None:
     """Compiles the program `predict_classes` runs for these arguments, without running it (its later
-    calls find it in jit's cache): one thread compiles it while others wait, instead of each compiling
-    it again (`wmdd_jax.train.train_group`'s concurrent runs)."""
+    calls find it in jit's cache), e.g. on a helper thread while the models still train
+    (`wmdd_jax.train.train_group`'s concurrent runs). ``variables`` may be ``jax.ShapeDtypeStruct``
+    leaves; their shardings must be those of the arrays predicted with, or the call compiles again."""
     image, _ = source.get(np.zeros(1, np.int64))
     images = jax.ShapeDtypeStruct((batch_size, *image.shape[1:]), image.dtype)
     mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)

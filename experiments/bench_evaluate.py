@@ -11,8 +11,9 @@ variants. Five variants, each on the same seeds, side by side in ONE process:
 
 * ``before``: ``wmdd_jax.train.train`` per seed, one after another (each its own program);
 * ``after``: ``wmdd_jax.train.train_group`` of all seeds with its default (``together="auto"``: on
-  one CPU device the seeds run concurrently, each in a thread, through one compiled step; rows of
-  before 2026-12-03 ran them in turn, as ``sequence`` now does), as ``wmdd_jax.evaluate`` does;
+  one CPU device the seeds run concurrently, each in a thread, through one compiled step: rows with
+  ``concurrent_with`` 3, from 4521f81 on; earlier 1-device rows ran them in turn, as ``sequence``
+  now does), as ``wmdd_jax.evaluate`` does;
 * ``sequence``: ``train_group(..., together="sequence")``: the seeds in turn through one compiled step;
 * ``stacked``: ``train_group(..., together="stack")``: states stacked, one vmapped program
   (the default on GPU/TPU and over several devices);
@@ -31,7 +32,7 @@ process's CPU seconds during that variant (all threads: the work, whatever the m
 ``steal_pct``, the share of the machine's CPU time that went to other guests of the host meanwhile
 (``/proc/stat``; null elsewhere): on a shared VM the cores' speed moves by tens of percent within
 minutes, and a ratio of two wall times holds only when their ``steal_pct`` are alike (the fastest
-round's; ``cpu_s_all`` and ``steal_pct_all`` list every round's, rows from 2026-12-03 on). Before each
+round's; ``cpu_s_all`` and ``steal_pct_all`` list every round's, rows from 8e3447c on). Before each
 variant JAX's in-memory caches are cleared, so every variant pays its own compilation as a fresh
 ``evaluate`` process does; each variant gets a fresh temporary work directory (deleted after), so
 nothing is reused. ``wall_s``

@@ -221,7 +221,7 @@ def evaluate_table(rows: list[dict]) -> str:
         warm, speedup = r.get("warm_student_steps_per_s"), r.get("speedup_vs_pytorch")
         mib, steal = r.get("per_device_mib"), r.get("steal_pct")  # steal_pct: rows from f7eb210 on
         variant = r["variant"] + (f" ({r['dtype']})" if r.get("dtype") else "")
-        if (r.get("concurrent_with") or 1) > 1:  # the seeds in threads at once (rows from 2026-12-03 on)
+        if (r.get("concurrent_with") or 1) > 1:  # the seeds in threads at once (rows from 4521f81 on)
             variant += " (concurrent)"
         if r.get("weight_init") == "torch":  # rows without it drew kaiming (bench_evaluate.py --weight-init)
             variant += " (PyTorch's init)"

@@ -250,7 +250,7 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, splits):
 def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, splits, monkeypatch):
     """Seeds trained at once, each in a thread (``together='concurrent'``, what ``auto`` picks on one CPU
     device), end bit for bit where they end in turn and compile each program once; a run that fails
-    stops the others and its own error comes out; all resume."""
+    stops the others and its own error comes out; Ctrl-C stops them all; all resume."""
     assert jax.default_backend() == "cpu" and jax.process_count() == 1
     train_source, test_source = splits
     spec = tiny_spec(epochs=1, batch_size=40, checkpoint_every_steps=2, augment=dict(flip=True, shift=2))
@@ -309,6 +309,50 @@ def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, sp
         for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
             np.testing.assert_array_equal(x, y)
     assert json.load(open(os.path.join(runs("cut")[1].workdir, "result.json")))["resumed_from"] == 2
+
+    # Ctrl-C (a KeyboardInterrupt in the main thread, which waits on the runs) while every run is in
+    # its 4th batch: all stop at their next step, keeping their checkpoints at step 2; the interrupt
+    # comes out once every thread has ended; all resume to the same ends.
+    made, real_shared = [], train_module._Shared
+    monkeypatch.setattr(train_module, "_Shared", lambda *a: made.append(real_shared(*a)) or made[-1])
+    paused = [PausingSource(src, 3, made) for src in small]
+
+    def interrupt(futures):
+        for source in paused:
+            assert source.reached.wait(120), "a run never reached its 4th batch"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "wait", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_group(model, spec, runs("ctrl_c", paused), test_source=test_source, verbose=False, together="concurrent")
+    assert [source.released for source in paused] == [True] * 3  # stopped by Ctrl-C, not by a timeout
+    assert not [t for t in threading.enumerate() if t.name.startswith("train_group")]
+    for r in runs("ctrl_c"):
+        assert not os.path.exists(os.path.join(r.workdir, "result.json"))
+        assert sorted(os.listdir(os.path.join(r.workdir, "checkpoints"))) == ["2"]
+    monkeypatch.undo()
+    resumed = train_group(model, spec, runs("ctrl_c"), test_source=test_source, verbose=False, together="concurrent")
+    for a, b in zip(in_turn, resumed):
+        assert a.test_accuracy == b.test_accuracy
+        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+            np.testing.assert_array_equal(x, y)
+    assert {json.load(open(os.path.join(r.workdir, "result.json")))["resumed_from"] for r in runs("ctrl_c")} == {2}
+
+
+class PausingSource(FailingSource):
+    """Wraps a source and, at batch ``limit + 1``, says so (``reached``) and waits until the concurrent
+    runs are told to stop (the `_Shared` of ``made``): a run in the middle of a step when Ctrl-C comes."""
+
+    def __init__(self, base, limit, made):
+        super().__init__(base, limit)
+        self.made, self.reached, self.released = made, threading.Event(), None
+
+    def get(self, indices):
+        self.calls += 1
+        if self.calls == self.limit + 1:
+            self.reached.set()
+            self.released = self.made[-1].stop.wait(30)
+        return self.base.get(indices)
 
 
 def test_runs_trained_together_equal_runs_trained_alone_and_resume(tmp_path, splits):

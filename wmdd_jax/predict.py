@@ -19,6 +19,11 @@ def _predict_fn(model: nn.Module, stacked: bool):
     return jax.jit(jax.vmap(predict, in_axes=(0, None, None, None)) if stacked else predict)
 
 
+def _normalization(source: Source) -> tuple[np.ndarray, np.ndarray]:
+    """``source``'s per-channel mean and std as the prediction program takes them (float32 arrays)."""
+    return np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+
+
 def compile_predict(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
                     stacked: bool = False) -> None:
     """Compiles the program `predict_classes` runs for these arguments, without running it (its later
@@ -27,7 +32,7 @@ def compile_predict(model: nn.Module, variables: dict, source: Source, batch_siz
     leaves; their shardings must be those of the arrays predicted with, or the call compiles again."""
     image, _ = source.get(np.zeros(1, np.int64))
     images = jax.ShapeDtypeStruct((batch_size, *image.shape[1:]), image.dtype)
-    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    mean, std = _normalization(source)
     _predict_fn(model, stacked).lower(variables, images, mean, std).compile()
 
 
@@ -39,7 +44,7 @@ def predict_classes(model: nn.Module, variables: dict, source: Source, batch_siz
     predicted in one program: ``[models, len(source)]``.
     """
     predict = _predict_fn(model, stacked)
-    mean, std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    mean, std = _normalization(source)
     n, out = len(source), []
     for start in range(0, n, batch_size):
         images, _ = source.get(np.minimum(np.arange(start, start + batch_size), n - 1))

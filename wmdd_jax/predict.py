@@ -27,7 +27,7 @@ def _normalization(source: Source) -> tuple[np.ndarray, np.ndarray]:
 def compile_predict(model: nn.Module, variables: dict, source: Source, batch_size: int = 500,
                     stacked: bool = False) -> None:
     """Compiles the program `predict_classes` runs for these arguments, without running it (its later
-    calls find it in jit's cache), e.g. on a helper thread while the models still train
+    calls find it in jit's cache), e.g. on a helper thread before the models have trained
     (`wmdd_jax.train.train_group`'s concurrent runs). ``variables`` may be ``jax.ShapeDtypeStruct``
     leaves; their shardings must be those of the arrays predicted with, or the call compiles again."""
     image, _ = source.get(np.zeros(1, np.int64))

@@ -197,7 +197,7 @@ TOGETHER = ("auto", "stack", "sequence", "concurrent")
 class _Shared:
     """What the threads of ``together='concurrent'`` share: a lock for what one of them makes for all
     (the jitted step; jit itself compiles a program once when threads call it at the same time), the
-    thread that compiles the test predictions while the runs train, and a flag that stops them all."""
+    thread that compiles the test predictions beside the step, and a flag that stops them all."""
 
     def __init__(self, runs: int):
         self.lock = threading.Lock()
@@ -206,9 +206,9 @@ class _Shared:
         self.runs = runs
 
     def compile_predict(self, model, variables, source, stacked) -> None:
-        """Starts compiling the test predictions in the background (once): a compilation keeps part
-        of the cores busy, the training threads the rest. A failure there is left to the
-        predictions themselves, which compile again and raise it."""
+        """Starts compiling the test predictions in the background (once), while the step compiles
+        (which leaves part of the cores idle). A failure there is left to the predictions
+        themselves, which compile again and raise it."""
         def work(shapes):
             try:
                 compile_predict(model, shapes, source, stacked=stacked)

@@ -290,10 +290,7 @@ def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, sp
     assert compiled_at_once == compiled_in_turn
     # Each thread runs the very program a run in turn runs, on the same inputs; XLA:CPU's results did
     # not depend on what else ran meanwhile in any run of this test here (bit for bit, 7 runs or more).
-    for a, b in zip(in_turn, at_once):
-        assert a.test_accuracy == b.test_accuracy
-        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
-            np.testing.assert_array_equal(x, y)
+    assert_same_results(in_turn, at_once)
     for r in runs("once"):
         assert json.load(open(os.path.join(r.workdir, "result.json")))["concurrent_with"] == 3
     # The second run fails at its 4th batch (after its checkpoint at step 2): the others stop at their
@@ -304,10 +301,7 @@ def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, sp
     assert json.load(open(os.path.join(runs("cut")[1].workdir, "recipe.json"))) and \
         os.listdir(os.path.join(runs("cut")[1].workdir, "checkpoints"))
     resumed = train_group(model, spec, runs("cut"), test_source=test_source, verbose=False)
-    for a, b in zip(in_turn, resumed):
-        assert a.test_accuracy == b.test_accuracy
-        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
-            np.testing.assert_array_equal(x, y)
+    assert_same_results(in_turn, resumed)
     assert json.load(open(os.path.join(runs("cut")[1].workdir, "result.json")))["resumed_from"] == 2
 
     # Ctrl-C (a KeyboardInterrupt in the main thread, which waits on the runs) while every run is in
@@ -332,11 +326,17 @@ def test_concurrent_runs_equal_runs_in_turn_compile_once_and_resume(tmp_path, sp
         assert sorted(os.listdir(os.path.join(r.workdir, "checkpoints"))) == ["2"]
     monkeypatch.undo()
     resumed = train_group(model, spec, runs("ctrl_c"), test_source=test_source, verbose=False, together="concurrent")
-    for a, b in zip(in_turn, resumed):
-        assert a.test_accuracy == b.test_accuracy
-        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
-            np.testing.assert_array_equal(x, y)
+    assert_same_results(in_turn, resumed)
     assert {json.load(open(os.path.join(r.workdir, "result.json")))["resumed_from"] for r in runs("ctrl_c")} == {2}
+
+
+def assert_same_results(expected, actual):
+    """The same test accuracies and weights, bit for bit, run by run."""
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert a.test_accuracy == b.test_accuracy
+        for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables), strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 class PausingSource(FailingSource):

@@ -31,7 +31,9 @@ Hyperparameters are Python numbers (static under ``jit``). Points are centred an
 total variance inside and the result mapped back, so every :math:`\varepsilon` here is relative to
 the cloud's variance :math:`\sum_i a_i \lVert x_i - \bar x\rVert^2`: clouds at scale 1e-3 or 1e3
 behave the same. float32 by default (also for float16/bfloat16 inputs, whose squared distances
-overflow), float64 for float64 inputs (with x64 enabled).
+overflow), float64 for float64 inputs (with x64 enabled). Every op that multiplies matrices takes
+``precision`` (default ``"highest"``), the precision of all the matmuls it traces, OTT's included:
+JAX's default is one bfloat16 pass on TPU, far too coarse for these distances and epsilons.
 
 Uniform weights, two starts: the annealed path can split the support badly between
 well-separated clusters when ``m`` is no multiple of their number (4.6% above POT's exact fixed
@@ -62,7 +64,7 @@ may hold anything (NaN, 1e30). float16 and bfloat16 are computed and returned in
 Modules: ``api`` (the public functions and :class:`BarycenterOutput`), ``uniform`` (the annealed
 Sinkhorn fixed point), ``kmeans`` (learned weights), ``seeding`` (k-means++ and the duplicate rule),
 ``cloud`` (checks, normalisation), ``distance`` (:func:`wasserstein2`), ``ott_compat`` (OTT's
-Sinkhorn made ``shard_map``-safe).
+Sinkhorn made ``shard_map``-safe), ``precision`` (the ``precision`` argument, checked and applied).
 """
 
 from wmdd_jax.barycenter.api import (BarycenterOutput, class_barycenters, free_support_barycenter,

@@ -10,6 +10,7 @@ import numpy as np
 from wmdd_jax.barycenter.cloud import (_check_cloud, _check_num_support, _float_dtype, _invalid, _is_concrete,
                                        _normalise)
 from wmdd_jax.barycenter.kmeans import _weighted_kmeans
+from wmdd_jax.barycenter.precision import PrecisionLike, _matmul_precision
 from wmdd_jax.barycenter.seeding import _kmeans_plus_plus, _restart_seed, _seed_words, _separate_coincident
 from wmdd_jax.barycenter.uniform import _epsilon_schedule, _uniform_barycenter
 
@@ -68,6 +69,7 @@ def free_support_barycenter(
     second_start_iterations: int = 30,
     second_start_sinkhorn_iterations: int = 300,
     split_delta: float = 1e-3,
+    precision: PrecisionLike = "highest",
 ) -> BarycenterOutput:
     r"""Free-support :math:`W_2` barycenter (one measure: the best ``m``-point approximation) of a cloud.
 
@@ -120,6 +122,12 @@ def free_support_barycenter(
             points than distinct locations, or an ``init`` with repeated rows) are moved apart by
             this much (relative to the cloud's standard deviation, see
             :func:`_separate_coincident`), so that the fixed point can split them.
+        precision: the precision of every matmul this call traces (squared distances, the
+            barycentric projection ``P @ x``, OTT's cost matrices): ``"highest"`` (default: full
+            float32 products), ``"high"``, ``"default"`` (the platform's fastest: one bfloat16
+            pass on TPU, TF32 on recent NVIDIA GPUs, too coarse for ``epsilon_end`` 1e-3), or a
+            ``jax.lax.Precision``. Static. The CPU backend computes float32 products in float32
+            at every setting, so there it changes nothing.
 
     Returns:
         :class:`BarycenterOutput`: ``support [m, d]``, ``weights [m]``, ``cost []`` (W2^2 at the
@@ -127,79 +135,81 @@ def free_support_barycenter(
 
     Raises:
         ValueError: always (shapes are static, also under ``jit``) if ``points`` is not ``[n, d]``,
-            ``point_weights`` not ``[n]``, ``init`` not ``[m, d]`` or ``num_support`` not a
-            positive int; in eager calls also if a weight is non-finite or negative, the weights
-            sum to 0, or a row of positive weight (or ``init``) holds NaN/inf. Under ``jit`` such
-            values give ``support``, ``weights`` and ``cost`` NaN and ``converged`` False (both
-            variants); an all-zero-weight (padding-only) class gives a finite, meaningless row.
+            ``point_weights`` not ``[n]``, ``init`` not ``[m, d]``, ``num_support`` not a positive
+            int or ``precision`` none of the above; in eager calls also if a weight is non-finite or
+            negative, the weights sum to 0, or a row of positive weight (or ``init``) holds NaN/inf.
+            Under ``jit`` such values give ``support``, ``weights`` and ``cost`` NaN and
+            ``converged`` False (both variants); an all-zero-weight (padding-only) class gives a
+            finite, meaningless row.
     """
-    num_support = _check_num_support(num_support)
-    points = jnp.asarray(points)
-    point_weights = None if point_weights is None else jnp.asarray(point_weights)
-    _check_cloud("points", points, point_weights, "point_weights")
-    if init is not None:
-        init = jnp.asarray(init)
-        if tuple(init.shape) != (num_support, points.shape[1]):
-            raise ValueError(f"init must be a [num_support, d] = [{num_support}, {points.shape[1]}] "
-                             f"array of initial support points; got shape {tuple(init.shape)}.")
-        if _is_concrete(init) and not bool(jnp.all(jnp.isfinite(init))):
-            raise ValueError("init contains NaN or inf; pass finite initial support points.")
-    # Under jit the values cannot be checked: an invalid class is run as an empty one (cheap) and
-    # reported as NaN, never as a converged-looking result.
-    invalid = _invalid(points, point_weights)
-    if init is not None:
-        invalid = jnp.logical_or(invalid, jnp.logical_not(jnp.all(jnp.isfinite(init))))
-    x, a, centre, scale = _normalise(points, point_weights)
-    x, a = jnp.where(invalid, 0.0, x), jnp.where(invalid, 1.0 / x.shape[0], a)
-    dtype = x.dtype
-    seed = _seed_words(jax.random.key(0) if rng is None else rng)
-    if init is not None:
-        init = jnp.where(invalid, 0.0, (init.astype(dtype) - centre) / scale)
-    if tol is None:
-        tol = max(1e-10, 10 * (float(jnp.finfo(dtype).eps) / epsilon_end) ** 2)
+    with _matmul_precision(precision):
+        num_support = _check_num_support(num_support)
+        points = jnp.asarray(points)
+        point_weights = None if point_weights is None else jnp.asarray(point_weights)
+        _check_cloud("points", points, point_weights, "point_weights")
+        if init is not None:
+            init = jnp.asarray(init)
+            if tuple(init.shape) != (num_support, points.shape[1]):
+                raise ValueError(f"init must be a [num_support, d] = [{num_support}, {points.shape[1]}] "
+                                 f"array of initial support points; got shape {tuple(init.shape)}.")
+            if _is_concrete(init) and not bool(jnp.all(jnp.isfinite(init))):
+                raise ValueError("init contains NaN or inf; pass finite initial support points.")
+        # Under jit the values cannot be checked: an invalid class is run as an empty one (cheap) and
+        # reported as NaN, never as a converged-looking result.
+        invalid = _invalid(points, point_weights)
+        if init is not None:
+            invalid = jnp.logical_or(invalid, jnp.logical_not(jnp.all(jnp.isfinite(init))))
+        x, a, centre, scale = _normalise(points, point_weights)
+        x, a = jnp.where(invalid, 0.0, x), jnp.where(invalid, 1.0 / x.shape[0], a)
+        dtype = x.dtype
+        seed = _seed_words(jax.random.key(0) if rng is None else rng)
+        if init is not None:
+            init = jnp.where(invalid, 0.0, (init.astype(dtype) - centre) / scale)
+        if tol is None:
+            tol = max(1e-10, 10 * (float(jnp.finfo(dtype).eps) / epsilon_end) ** 2)
 
-    if learn_weights:
-        support, weights, cost, t, converged = _weighted_kmeans(
-            x, a, num_support, seed, init=init, n_init=n_init, max_iterations=kmeans_max_iterations,
-            tol=tol)
-    else:
-        if init is None:
-            init = _kmeans_plus_plus(x, a, num_support, _restart_seed(seed, 0))
-        init = _separate_coincident(init, seed, jnp.asarray(split_delta, dtype))
-        anneal_steps = max(1, int(round(anneal_fraction * num_iterations)))
-        run = functools.partial(
-            _uniform_barycenter, x, a, sinkhorn_threshold=sinkhorn_threshold,
-            polish_threshold=polish_threshold, sinkhorn_chunk=sinkhorn_chunk,
-            sinkhorn_momentum=sinkhorn_momentum, inner_iterations=inner_iterations)
-        epsilons = _epsilon_schedule(num_iterations, anneal_steps, epsilon_start, epsilon_end, dtype)
-        best = run(init, epsilons=epsilons, anneal_steps=anneal_steps, tol=tol,
-                   sinkhorn_max_iterations=sinkhorn_max_iterations)
+        if learn_weights:
+            support, weights, cost, t, converged = _weighted_kmeans(
+                x, a, num_support, seed, init=init, n_init=n_init, max_iterations=kmeans_max_iterations,
+                tol=tol)
+        else:
+            if init is None:
+                init = _kmeans_plus_plus(x, a, num_support, _restart_seed(seed, 0))
+            init = _separate_coincident(init, seed, jnp.asarray(split_delta, dtype))
+            anneal_steps = max(1, int(round(anneal_fraction * num_iterations)))
+            run = functools.partial(
+                _uniform_barycenter, x, a, sinkhorn_threshold=sinkhorn_threshold,
+                polish_threshold=polish_threshold, sinkhorn_chunk=sinkhorn_chunk,
+                sinkhorn_momentum=sinkhorn_momentum, inner_iterations=inner_iterations)
+            epsilons = _epsilon_schedule(num_iterations, anneal_steps, epsilon_start, epsilon_end, dtype)
+            best = run(init, epsilons=epsilons, anneal_steps=anneal_steps, tol=tol,
+                       sinkhorn_max_iterations=sinkhorn_max_iterations)
 
-        def keep_lower(best, other):  # costs of feasible plans: upper bounds, so comparable
-            return jax.tree.map(lambda u, v: jnp.where(other[1] < best[1], v, u), best, other)
+            def keep_lower(best, other):  # costs of feasible plans: upper bounds, so comparable
+                return jax.tree.map(lambda u, v: jnp.where(other[1] < best[1], v, u), best, other)
 
-        if second_start:
-            # The same start, barely annealed (from second_start_epsilon, below the scale of the
-            # gaps between well-separated clusters): the entropic twin of POT's exact fixed point
-            # from that start. The annealed path starts at a large epsilon, where the support
-            # collapses and later splits between clusters as the path decides, which can be worse
-            # than the start's allocation when m is no multiple of the cluster count; this one
-            # keeps it. Its own, smaller budget: at small epsilon each outer step costs many more
-            # Sinkhorn iterations (unbudgeted, 13 s against the annealed path's 5 s on one
-            # 6000 x 512 class, m = 10).
-            total = max(1, min(second_start_iterations, num_iterations))
-            steps = min(second_start_anneal_steps, total)
-            direct = _epsilon_schedule(total, steps, min(second_start_epsilon, epsilon_start),
-                                       epsilon_end, dtype)
-            best = keep_lower(best, run(init, epsilons=direct, anneal_steps=steps, tol=tol,
-                                        sinkhorn_max_iterations=second_start_sinkhorn_iterations))
-        support, cost, t, converged = best
-        weights = jnp.full((num_support,), 1.0 / num_support, dtype)
-    nan = jnp.array(jnp.nan, dtype)
-    return BarycenterOutput(support=jnp.where(invalid, nan, centre + scale * support),
-                            weights=jnp.where(invalid, nan, weights),
-                            cost=jnp.where(invalid, nan, cost * scale**2), num_iterations=t,
-                            converged=jnp.logical_and(converged, jnp.logical_not(invalid)))
+            if second_start:
+                # The same start, barely annealed (from second_start_epsilon, below the scale of the
+                # gaps between well-separated clusters): the entropic twin of POT's exact fixed point
+                # from that start. The annealed path starts at a large epsilon, where the support
+                # collapses and later splits between clusters as the path decides, which can be worse
+                # than the start's allocation when m is no multiple of the cluster count; this one
+                # keeps it. Its own, smaller budget: at small epsilon each outer step costs many more
+                # Sinkhorn iterations (unbudgeted, 13 s against the annealed path's 5 s on one
+                # 6000 x 512 class, m = 10).
+                total = max(1, min(second_start_iterations, num_iterations))
+                steps = min(second_start_anneal_steps, total)
+                direct = _epsilon_schedule(total, steps, min(second_start_epsilon, epsilon_start),
+                                           epsilon_end, dtype)
+                best = keep_lower(best, run(init, epsilons=direct, anneal_steps=steps, tol=tol,
+                                            sinkhorn_max_iterations=second_start_sinkhorn_iterations))
+            support, cost, t, converged = best
+            weights = jnp.full((num_support,), 1.0 / num_support, dtype)
+        nan = jnp.array(jnp.nan, dtype)
+        return BarycenterOutput(support=jnp.where(invalid, nan, centre + scale * support),
+                                weights=jnp.where(invalid, nan, weights),
+                                cost=jnp.where(invalid, nan, cost * scale**2), num_iterations=t,
+                                converged=jnp.logical_and(converged, jnp.logical_not(invalid)))
 
 
 def kmeans_plus_plus(
@@ -208,22 +218,25 @@ def kmeans_plus_plus(
     *,
     point_weights: Optional[jax.Array] = None,
     rng: Optional[jax.Array] = None,
+    precision: PrecisionLike = "highest",
 ) -> jax.Array:
     """The seeding :func:`free_support_barycenter` starts from, alone: ``[num_support, d]``.
 
     Weighted greedy k-means++ on the rows of ``points [n, d]`` (rules in :func:`_kmeans_plus_plus`).
     With the same ``rng`` it is the initial support of the uniform-weights variant (before
     coincident rows are moved apart by ``split_delta``) and of the first k-means restart: use it to
-    start another solver from the same place. Inputs are checked as in
+    start another solver from the same place. Inputs are checked, and ``precision`` (of the
+    distances and the projection that orders the points) means the same, as in
     :func:`free_support_barycenter`.
     """
-    num_support = _check_num_support(num_support)
-    points = jnp.asarray(points)
-    point_weights = None if point_weights is None else jnp.asarray(point_weights)
-    _check_cloud("points", points, point_weights, "point_weights")
-    x, a, centre, scale = _normalise(points, point_weights)
-    seed = _seed_words(jax.random.key(0) if rng is None else rng)
-    return centre + scale * _kmeans_plus_plus(x, a, num_support, _restart_seed(seed, 0))
+    with _matmul_precision(precision):
+        num_support = _check_num_support(num_support)
+        points = jnp.asarray(points)
+        point_weights = None if point_weights is None else jnp.asarray(point_weights)
+        _check_cloud("points", points, point_weights, "point_weights")
+        x, a, centre, scale = _normalise(points, point_weights)
+        seed = _seed_words(jax.random.key(0) if rng is None else rng)
+        return centre + scale * _kmeans_plus_plus(x, a, num_support, _restart_seed(seed, 0))
 
 
 def _check_labels(features, labels, num_classes) -> None:
@@ -288,6 +301,7 @@ def class_barycenters(
     rng: Optional[jax.Array] = None,
     max_class_size: Optional[int] = None,
     batch_size: Optional[int] = None,
+    precision: PrecisionLike = "highest",
     **kwargs,
 ) -> BarycenterOutput:
     """One barycenter per class: :func:`pad_classes`, then ``vmap`` over the class axis.
@@ -303,6 +317,8 @@ def class_barycenters(
         batch_size: ``None``: all classes in one ``vmap`` (best on accelerators). An int: classes
             in sequential chunks of that size (``jax.lax.map``); on CPU ``1`` is about twice as fast
             as one big ``vmap``, whose iterations wait for the slowest class and cost more per class.
+        precision: of every matmul traced, see :func:`free_support_barycenter` (default
+            ``"highest"``; ``ValueError`` for other values than listed there).
         **kwargs: passed on to :func:`free_support_barycenter`.
 
     Returns:
@@ -313,21 +329,23 @@ def class_barycenters(
     keys on a mesh axis and run the same ``vmap`` inside ``jax.shard_map`` (or call this under
     ``jit`` with class-sharded inputs).
     """
-    num_support = _check_num_support(num_support)
-    features = jnp.asarray(features)
-    if _is_concrete(features) and not bool(jnp.all(jnp.isfinite(features))):
-        raise ValueError("features contain NaN or inf; pass finite features (under jit such a "
-                         "class gives a NaN row with converged=False).")
-    rng = jax.random.key(0) if rng is None else rng
-    points, weights = pad_classes(features, labels, num_classes, max_class_size)
+    with _matmul_precision(precision):
+        num_support = _check_num_support(num_support)
+        features = jnp.asarray(features)
+        if _is_concrete(features) and not bool(jnp.all(jnp.isfinite(features))):
+            raise ValueError("features contain NaN or inf; pass finite features (under jit such a "
+                             "class gives a NaN row with converged=False).")
+        rng = jax.random.key(0) if rng is None else rng
+        points, weights = pad_classes(features, labels, num_classes, max_class_size)
 
-    def one(args):
-        p, w, key = args
-        return free_support_barycenter(p, num_support, point_weights=w, rng=key, **kwargs)
+        def one(args):
+            p, w, key = args
+            return free_support_barycenter(p, num_support, point_weights=w, rng=key, precision=precision,
+                                           **kwargs)
 
-    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    keys = rng if rng.ndim == (1 if typed else 2) else jax.random.split(rng, num_classes)
-    args = (points, weights, keys)
-    if batch_size is None:
-        return jax.vmap(one)(args)
-    return jax.lax.map(one, args, batch_size=batch_size)
+        typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        keys = rng if rng.ndim == (1 if typed else 2) else jax.random.split(rng, num_classes)
+        args = (points, weights, keys)
+        if batch_size is None:
+            return jax.vmap(one)(args)
+        return jax.lax.map(one, args, batch_size=batch_size)

@@ -10,6 +10,12 @@ import pytest
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
 
+# libtpu is installed (the test extra: TPU targets are compiled on this CPU); without TPU chips jax
+# would try it at start and print warnings. The command-line runs the tests start inherit this.
+from wmdd_jax.host import skip_absent_tpu  # noqa: E402
+
+skip_absent_tpu()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_SUBSET = os.path.join(ROOT, "tests", "data", "fashion_mnist")
 

@@ -22,7 +22,7 @@ from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.image_sets import image_set_id, images_per_class, load_image_set, load_soft_labels
 from wmdd_jax.teacher import identity, load_teacher, model_from_spec, precision
-from wmdd_jax.sharding import make_mesh, process_index
+from wmdd_jax.sharding import make_mesh, mesh_platform, process_index
 from wmdd_jax.train import Run, spec_recipe, train_group
 
 def say(message: str) -> None:
@@ -100,7 +100,7 @@ def evaluate(config, workdir: str) -> list[dict]:
             student_spec = spec.copy_and_resolve_references()
             with student_spec.unlocked():
                 student_spec.model = model_name
-            model = model_from_spec(student_spec, train_source.num_classes, config.conv_impl)
+            model = model_from_spec(student_spec, train_source.num_classes, config.conv_impl, mesh_platform(mesh))
             use_stored = mode == "soft" and soft_labels is not None
             run_name = f"{model_name}_{mode}" + ("_stored" if use_stored else "")
             runs = []

@@ -35,6 +35,31 @@ def tune_host_allocator() -> bool:
                for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
+_TPU_DEVICE_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def tpu_present() -> bool:
+    """Whether this host has TPU chips (their device files), told without starting jax."""
+    return any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES)
+
+
+def skip_absent_tpu() -> bool:
+    """Keeps jax from starting an installed libtpu on a host without TPU chips; call before jax starts.
+
+    libtpu (installed to compile for TPU targets, `wmdd_jax.plan`) is tried at every start of jax and
+    prints warnings when no chip is there. Where ``JAX_PLATFORMS`` is unset, libtpu is installed and no
+    TPU device file exists, this sets ``JAX_PLATFORMS`` to the platforms that are present (``cpu``, with
+    ``cuda`` first where a CUDA plugin and GPU device files are). Compiling for a TPU topology still
+    works (`jax.experimental.topologies`). Returns whether it set the variable.
+    """
+    if os.environ.get("JAX_PLATFORMS", "").strip() or tpu_present() or importlib.util.find_spec("libtpu") is None:
+        return False
+    cuda = glob.glob("/dev/nvidia[0-9]*") and any(importlib.util.find_spec(name) is not None
+                                                   for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    return True
+
+
 def accelerator_backend() -> bool:
     """Whether jax will pick a GPU or TPU, told without starting jax (which fixes its threads).
 
@@ -44,6 +69,8 @@ def accelerator_backend() -> bool:
     if platforms:
         return platforms.split(",")[0].strip() not in ("cpu", "")
     plugins = {"jax_cuda12_plugin": "/dev/nvidia[0-9]*", "jax_cuda13_plugin": "/dev/nvidia[0-9]*",
-               "jax_rocm60_plugin": "/dev/kfd", "libtpu": "/dev/accel*"}
+               "jax_rocm60_plugin": "/dev/kfd"}
+    if tpu_present() and importlib.util.find_spec("libtpu") is not None:
+        return True
     return any(glob.glob(devices) and importlib.util.find_spec(name) is not None
                for name, devices in plugins.items())

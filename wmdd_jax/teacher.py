@@ -15,7 +15,7 @@ from wmdd_jax.errors import UserError
 from wmdd_jax.fingerprint import fingerprint
 from wmdd_jax.interop import load_torch_teacher
 from wmdd_jax.models import create_model, model_names, model_options
-from wmdd_jax.sharding import make_mesh, process_index
+from wmdd_jax.sharding import make_mesh, mesh_platform, process_index, run_platform
 from wmdd_jax.train import train
 from wmdd_jax.train_step import Precision, Teacher, init_variables
 
@@ -23,8 +23,9 @@ _MODEL_FILE = "model.json"
 IDENTITY_FILE = "identity.json"
 
 
-def model_from_spec(spec, num_classes: int, conv_impl: str = "auto"):
-    return create_model(spec.model, num_classes, conv_impl=conv_impl, **model_options(spec))
+def model_from_spec(spec, num_classes: int, conv_impl: str = "auto", platform: str = "auto"):
+    """The model of the training recipe ``spec``, built for ``platform`` (`wmdd_jax.models.create_model`)."""
+    return create_model(spec.model, num_classes, conv_impl=conv_impl, platform=platform, **model_options(spec))
 
 
 def _describe(spec, source: Source) -> dict:
@@ -47,12 +48,13 @@ def pretrain(config, workdir: str) -> Teacher:
     if ("norm" in model_options(spec) and spec.norm != "batch") or spec.label_mode != "hard":
         raise UserError("the teacher must be trained with hard labels and have BatchNorm layers (WMDD matches "
                         "their statistics): set --config.teacher.norm=batch and --config.teacher.label_mode=hard")
-    model = model_from_spec(spec, train_source.num_classes, config.conv_impl)
+    mesh = make_mesh(config.mesh)
+    model = model_from_spec(spec, train_source.num_classes, config.conv_impl, mesh_platform(mesh))
     out = os.path.join(workdir, "teacher")
     os.makedirs(out, exist_ok=True)
     files.write_json(os.path.join(out, _MODEL_FILE), _describe(spec, train_source))
     result = train(model, spec, train_source, out, seed=config.seed, test_source=test_source, desc="teacher",
-                   config_key="teacher", mesh=make_mesh(config.mesh), precision=precision(config))
+                   config_key="teacher", mesh=mesh, precision=precision(config))
     teacher = Teacher(model, result.variables)
     files.write_json(os.path.join(out, IDENTITY_FILE), {"teacher": identity(teacher)})
     if process_index() != 0:
@@ -69,15 +71,17 @@ def pretrain(config, workdir: str) -> Teacher:
     return teacher
 
 
-def load_teacher(config, workdir: str, source: Source | None = None) -> Teacher:
+def load_teacher(config, workdir: str, source: Source | None = None, platform: str | None = None) -> Teacher:
     """The teacher of ``config.teacher.checkpoint`` (a teacher folder) or of ``workdir/teacher``.
 
     ``source``: the training split of ``config.data``, if the caller has it loaded (it is checked
-    against the teacher's classes and image shape; else it is loaded here).
+    against the teacher's classes and image shape; else it is loaded here). ``platform``: what its
+    programs are compiled for (default: the run's devices, `wmdd_jax.sharding.run_platform`).
     """
+    platform = run_platform() if platform is None else platform
     folder = config.teacher.checkpoint or os.path.join(workdir, "teacher")
     if os.path.isfile(folder):  # a PyTorch checkpoint (.pth/.pt) of the architecture config.teacher names
-        return _finite(load_torch_teacher(config, folder), folder)
+        return _finite(load_torch_teacher(config, folder, platform), folder)
     described = os.path.join(folder, _MODEL_FILE)
     if not os.path.exists(os.path.join(folder, "result.json")) or not os.path.exists(described):
         raise UserError(f"no finished teacher in {folder}: run 'python -m wmdd_jax pretrain' with this "
@@ -95,7 +99,7 @@ def load_teacher(config, workdir: str, source: Source | None = None) -> Teacher:
                         f"({', '.join(model_names())})")
     options = {k: v for k, v in d.items() if k not in ("model", "num_classes", "image_shape")}
     options.setdefault("first_padding", 1)  # ConvNet teachers written before the field existed used 1
-    model = create_model(d["model"], d["num_classes"], conv_impl=config.conv_impl, **options)
+    model = create_model(d["model"], d["num_classes"], conv_impl=config.conv_impl, platform=platform, **options)
     # Shapes only (no init to run); on this process's first device, as a fresh init would be: a
     # target without a sharding makes a multi-process restore wait on the other processes.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -135,7 +135,8 @@ def train_group(model: nn.Module, spec, runs: list[Run], *, test_source: Source 
         raise ValueError(f"together must be one of {TOGETHER}, got {together!r}")
     several = mesh is not None and mesh.size > 1
     if together == "auto":
-        together = ("stack" if several or jax.default_backend() != "cpu" else
+        platform = sharding.mesh_platform(mesh) if mesh is not None else sharding.run_platform()
+        together = ("stack" if several or platform != "cpu" else
                     "concurrent" if jax.process_count() == 1 else "sequence")
     if together == "concurrent" and (several or jax.process_count() > 1):
         # Threads of one process would issue the collectives of a sharded step in any order (a hang).
@@ -392,7 +393,8 @@ def all_finite(tree) -> bool:
     where they lie (one host sync, no transfer of the weights).
     """
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if jax.default_backend() == "cpu" and all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    on_cpu = all(d.platform == "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())())
+    if on_cpu and all(getattr(x, "is_fully_addressable", True) for x in leaves):
         return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
     return bool(_all_finite(tree))
 

@@ -60,7 +60,8 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...
     it): run op by op, a ResNet-18's init takes about twice as long on a CPU.
     """
     # Compiler options are for top-level programs only: traced (under jit or eval_shape), the plain one.
-    quick = jax.default_backend() == "cpu" and not isinstance(rng, jax.core.Tracer)
+    # The program runs where the key lies; the CPU options only for a CPU.
+    quick = not isinstance(rng, jax.core.Tracer) and all(d.platform == "cpu" for d in rng.devices())
     return _init_fn(model, tuple(int(s) for s in image_shape), quick)(rng)
 
 

@@ -88,7 +88,7 @@ def _describe(config, num_classes: int, path: str) -> str:
     return f"the model of {flags} ({num_classes} classes, {config.data.name}); set those fields to match {path}"
 
 
-def load_torch_teacher(config, path: str):
+def load_torch_teacher(config, path: str, platform: str = "auto"):
     """A `Teacher` from a PyTorch checkpoint of the architecture ``config.teacher`` names.
 
     The model is ``config.teacher.model`` with its ``norm``, ``stem`` and ``width``, for the
@@ -97,7 +97,8 @@ def load_torch_teacher(config, path: str):
     spec = config.teacher
     source = load_split(config.data, "train")
     image_shape = tuple(source.image_shape)
-    model = create_model(spec.model, source.num_classes, conv_impl=config.conv_impl, **model_options(spec))
+    model = create_model(spec.model, source.num_classes, conv_impl=config.conv_impl, platform=platform,
+                         **model_options(spec))
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
     variables = from_torch(load_torch_checkpoint(path), model, shapes, image_shape,
                            describe=_describe(config, source.num_classes, path))

@@ -20,7 +20,7 @@ from wmdd_jax.models.resnet import ResNet, ResNet18
 
 class ModelEntry(NamedTuple):
     """A registered model: its builder and the fields of a training recipe (``configs/default.py``
-    ``train_spec``) that it takes, besides ``num_classes`` and ``conv_impl``."""
+    ``train_spec``) that it takes, besides ``num_classes``, ``conv_impl`` and ``platform``."""
 
     build: Callable[..., nn.Module]
     options: tuple[str, ...]
@@ -37,7 +37,7 @@ _REGISTRY = {
 
 
 def register_model(name: str, build: Callable[..., nn.Module], options: tuple[str, ...]) -> None:
-    """Adds a model under ``name``: ``build(num_classes=..., conv_impl=..., **options)`` returns it.
+    """Adds a model under ``name``: ``build(num_classes=..., conv_impl=..., platform=..., **options)`` returns it.
 
     A ConvNet or ResNet variant (e.g. ``functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))``) also
     converts to and from PyTorch with no further change.
@@ -61,11 +61,17 @@ def _entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int, *, conv_impl: str = "auto", **options) -> nn.Module:
+def create_model(name: str, num_classes: int, *, conv_impl: str = "auto", platform: str = "auto",
+                 **options) -> nn.Module:
     """Builds a registered model; ``options`` (e.g. ``norm``, ``width``, ``stem``) a model does not take
-    are ignored, so one recipe serves every model."""
+    are ignored, so one recipe serves every model.
+
+    ``platform``: the platform its programs are compiled for (``cpu``, ``gpu``, ``tpu``; ``auto``: jax's
+    default backend). It picks the CPU-only kernels (Winograd convolutions for ``conv_impl="auto"``,
+    BatchNorm's hand-written backward) only for ``cpu``.
+    """
     entry = _entry(name)
-    return entry.build(num_classes=num_classes, conv_impl=conv_impl,
+    return entry.build(num_classes=num_classes, conv_impl=conv_impl, platform=platform,
                        **{k: v for k, v in options.items() if k in entry.options})
 
 

@@ -22,7 +22,8 @@ import functools
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv, avg_pool2, check_weight_init, folds_into_norm, torch_layer_inits
+from wmdd_jax.models.layers import (Conv, avg_pool2, check_weight_init, folds_into_norm, resolve_conv_impl,
+                                    torch_layer_inits)
 from wmdd_jax.models.norms import BN_STATS, BatchNorm, InstanceNorm, make_norm
 
 
@@ -34,18 +35,20 @@ class ConvNet(nn.Module):
     conv_impl: str = "auto"
     first_padding: int = -1
     weight_init: str = "torch"
+    platform: str = "auto"  # the platform compiled for: picks conv_impl "auto" and the BN backward
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """x: [n, h, w, c] normalised images -> logits [n, classes] (and features [n, d])."""
         torch = check_weight_init(self.weight_init) == "torch"
+        conv_impl = resolve_conv_impl(self.conv_impl, self.platform)
         for i in range(self.depth):
             padding = 1
             if i == 0:
                 padding = self.first_padding if self.first_padding >= 0 else (3 if x.shape[-1] == 1 else 1)
             inits = torch_layer_inits(9 * x.shape[-1]) if torch else {}
-            conv = Conv(self.width, 3, 1, padding, conv_impl=self.conv_impl, name=f"conv{i}", **inits)
-            norm = make_norm(self.norm, train, name=f"norm{i}")
+            conv = Conv(self.width, 3, 1, padding, conv_impl=conv_impl, name=f"conv{i}", **inits)
+            norm = make_norm(self.norm, train, name=f"norm{i}", platform=self.platform)
             folds = folds_into_norm(conv, x.shape[-1])
             if folds and isinstance(norm, InstanceNorm):
                 kernel, _ = conv(x, weights_only=True)  # the bias drops out of the norm

@@ -54,8 +54,18 @@ def torch_kaiming_fan_out() -> Any:
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """Maps ``"auto"`` to the fast convolution for the default backend.
+def resolve_platform(platform: str = "auto") -> str:
+    """The platform a model is built for: ``platform`` itself, or for ``"auto"`` jax's default backend.
+
+    Stages pass the platform of the mesh they compile for (`wmdd_jax.sharding.mesh_platform`), so a
+    program compiled on a CPU host for a TPU or GPU target takes that target's paths; ``"auto"`` is for
+    models used directly, which run on the default backend's devices.
+    """
+    return jax.default_backend() if platform == "auto" else platform
+
+
+def resolve_conv_impl(impl: str, platform: str = "auto") -> str:
+    """Maps ``"auto"`` to the fast convolution for ``platform`` (`resolve_platform`).
 
     XLA's CPU convolution runs at about half PyTorch's speed on small images,
     while batched matrix products reach the CPU's matmul peak: ``"winograd"``
@@ -64,7 +74,7 @@ def resolve_conv_impl(impl: str) -> str:
     TPU ``lax.conv`` is the fast path.
     """
     if impl == "auto":
-        return "winograd" if jax.default_backend() == "cpu" else "lax"
+        return "winograd" if resolve_platform(platform) == "cpu" else "lax"
     if impl not in ("winograd", "im2col", "lax"):
         raise ValueError(
             f"conv_impl must be 'auto', 'winograd', 'im2col' or 'lax', got {impl!r}")

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wmdd_jax.models.layers import narrow_matmul, patches
+from wmdd_jax.models.layers import narrow_matmul, patches, resolve_platform
 
 Array = jax.Array
 
@@ -168,6 +168,7 @@ class BatchNorm(nn.Module):
     use_running_average: bool = False
     momentum: float = 0.1
     epsilon: float = 1e-5
+    platform: str = "auto"  # the target's platform (`resolve_platform`): "cpu" takes the hand-written backward
 
     @nn.compact
     def __call__(self, x: Array, conv: tuple[Array, Array | None, int, int] | None = None) -> Array:
@@ -202,7 +203,7 @@ class BatchNorm(nn.Module):
             return (y * scale + bias).astype(dtype)
         # The hand-written backward is a CPU choice, like the Winograd convolution: measured there;
         # on GPU and TPU XLA's fusion of the autodiff backward is the known-good path.
-        normalize = _normalize if jax.default_backend() == "cpu" else _normalize_autodiff
+        normalize = _normalize if resolve_platform(self.platform) == "cpu" else _normalize_autodiff
         y, mean, var = normalize(x, scale, bias, reduce_axes, self.epsilon)
         self._update_running(ra_mean, ra_var, mean.reshape(c), var.reshape(c), x.size // c)
         return y.astype(dtype)
@@ -215,11 +216,11 @@ class BatchNorm(nn.Module):
             ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
 
 
-def make_norm(kind: str, train: bool, name: str) -> nn.Module | None:
+def make_norm(kind: str, train: bool, name: str, platform: str = "auto") -> nn.Module | None:
     if kind == "instance":
         return InstanceNorm(name=name)
     if kind == "batch":
-        return BatchNorm(use_running_average=not train, name=name)
+        return BatchNorm(use_running_average=not train, platform=platform, name=name)
     if kind == "none":
         return None
     raise ValueError(f"norm must be 'instance', 'batch' or 'none', got {kind!r}")
@@ -227,7 +228,7 @@ def make_norm(kind: str, train: bool, name: str) -> nn.Module | None:
 
 def pooled_moments(
     mean: Array, var: Array, segment_ids: Array | None = None, num_segments: int = 1,
-    weights: Array | None = None,
+    weights: Array | None = None, axis_names=None,
 ) -> tuple[Array, Array]:
     """Exact mean and biased variance of a group of samples from per-sample moments.
 
@@ -239,6 +240,8 @@ def pooled_moments(
       segment_ids: optional [n] int group of each sample (e.g. its class).
       num_segments: number of groups when ``segment_ids`` is given.
       weights: optional [n] sample weights (0 drops a sample, e.g. padding).
+      axis_names: inside ``shard_map``, mesh axes whose devices hold other samples of the groups
+        (their sums are added across them).
     Returns:
       ([c], [c]) without segments, else ([num_segments, c], [num_segments, c]).
     """
@@ -248,7 +251,10 @@ def pooled_moments(
         squeeze, num_segments = True, 1
     else:
         squeeze = False
-    seg_sum = lambda a: jax.ops.segment_sum(a, segment_ids, num_segments)  # noqa: E731
+    def seg_sum(a):
+        sums = jax.ops.segment_sum(a, segment_ids, num_segments)
+        return sums if axis_names is None else jax.lax.psum(sums, axis_names)
+
     count = jnp.maximum(seg_sum(w), 1e-12)[:, None]
     mu = seg_sum(w[:, None] * mean) / count
     within = seg_sum(w[:, None] * var) / count

@@ -16,7 +16,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from wmdd_jax.models.layers import Conv, check_weight_init, torch_kaiming_fan_out, torch_layer_inits, torch_uniform
+from wmdd_jax.models.layers import (Conv, check_weight_init, resolve_conv_impl, torch_kaiming_fan_out,
+                                    torch_layer_inits, torch_uniform)
 from wmdd_jax.models.norms import BatchNorm
 
 
@@ -25,12 +26,13 @@ class BasicBlock(nn.Module):
     stride: int = 1
     conv_impl: str = "auto"
     weight_init: str = "torch"
+    platform: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         inits = dict(kernel_init=torch_kaiming_fan_out()) if check_weight_init(self.weight_init) == "torch" else {}
         conv = functools.partial(Conv, use_bias=False, conv_impl=self.conv_impl, **inits)
-        bn = functools.partial(BatchNorm, use_running_average=not train)
+        bn = functools.partial(BatchNorm, use_running_average=not train, platform=self.platform)
         residual = x
         y = conv(self.features, 3, self.stride, 1, name="conv1")(x)
         y = nn.relu(bn(name="bn1")(y))
@@ -55,6 +57,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     conv_impl: str = "auto"
     weight_init: str = "torch"
+    platform: str = "auto"  # the platform compiled for: picks conv_impl "auto" and the BN backward
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -63,18 +66,20 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be one of {sorted(stems)}, got {self.stem!r}")
         k, s, p, pool = stems[self.stem]
         torch = check_weight_init(self.weight_init) == "torch"
+        conv_impl = resolve_conv_impl(self.conv_impl, self.platform)
         stem_init = {}
         if torch:  # a small-image stem is a plain nn.Conv2d put in after torchvision's init (see above)
             fan_in = k * k * x.shape[-1]
             stem_init = dict(kernel_init=torch_kaiming_fan_out() if self.stem == "imagenet" else torch_uniform(fan_in))
-        x = Conv(64, k, s, p, use_bias=False, conv_impl=self.conv_impl, name="conv1", **stem_init)(x)
-        x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
+        x = Conv(64, k, s, p, use_bias=False, conv_impl=conv_impl, name="conv1", **stem_init)(x)
+        x = nn.relu(BatchNorm(use_running_average=not train, platform=self.platform, name="bn1")(x))
         if pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(64 * 2**i, stride, self.conv_impl, self.weight_init, name=f"layer{i + 1}_{j}")(x, train)
+                x = BasicBlock(64 * 2**i, stride, conv_impl, self.weight_init, self.platform,
+                               name=f"layer{i + 1}_{j}")(x, train)
         features = x.mean(axis=(1, 2))
         inits = torch_layer_inits(features.shape[-1]) if torch else {}
         logits = nn.Dense(self.num_classes, name="fc", **inits)(features)

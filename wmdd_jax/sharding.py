@@ -7,8 +7,9 @@ sharded along its leading class axis over all devices of the mesh; the teacher i
 Rules:
   * The mesh is ``config.mesh.shape`` over ``config.mesh.axes`` (default: one axis ``classes``
     holding every device); class arrays are split over all of its axes together.
-  * A class count that is not a multiple of the device count is padded at the end with empty
-    classes (``num_padded_classes``); they carry a zero mask and add nothing to any loss.
+  * A class count that is not a multiple of the device count (times the classes of one official
+    synthesis batch, ``group``) is padded at the end with empty classes (``num_padded_classes``);
+    they carry a zero mask and add nothing to any loss.
   * Device ``i`` of the flattened mesh owns the consecutive classes
     ``[i * C_pad / n, (i + 1) * C_pad / n)``; a process owns the classes of its devices and reads
     only their real data (``owned_classes``).
@@ -78,9 +79,31 @@ def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
                                                                     and math.prod(shape) != len(devices)):
         raise UserError(f"mesh.shape {tuple(mesh_config.shape)} does not fit {len(devices)} devices; use -1 for "
                         f"'all the rest' or a product that divides the device count")
+    devices = devices[: math.prod(shape)]
     # Auto axes: model code stays sharding-agnostic and XLA places the few cross-class sums.
-    return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes),
-                         devices=devices[: math.prod(shape)])
+    axis_types = (AxisType.Auto,) * len(axes)
+    try:  # jax orders the devices along the chips' interconnect
+        return jax.make_mesh(tuple(shape), axes, axis_types=axis_types, devices=devices)
+    except AssertionError:
+        # jax builds TPU v4+ meshes of one device per chip only ("megacore"); with two devices per chip
+        # (v4 in its default mode) the devices go in order of host, chip coordinates and core instead,
+        # so that the two cores of a chip are neighbours on the last axis.
+        def place(d):
+            return (d.process_index, tuple(getattr(d, "coords", ())[::-1]), getattr(d, "core_on_chip", 0))
+
+        ordered = np.asarray(sorted(devices, key=place), dtype=object).reshape(shape)
+        return Mesh(ordered, axes, axis_types=axis_types)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform (``cpu``, ``gpu``, ``tpu``) of the devices ``mesh`` holds: what its programs are
+    compiled for, and so which kernels the models take (`wmdd_jax.models.create_model`)."""
+    return mesh.devices.flat[0].platform
+
+
+def run_platform() -> str:
+    """The platform of the devices a run's meshes are made of (`make_mesh` takes ``jax.devices()``)."""
+    return jax.devices()[0].platform
 
 
 def class_sharding(mesh: Mesh) -> NamedSharding:
@@ -92,15 +115,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def num_padded_classes(num_classes: int, mesh: Mesh) -> int:
-    """``num_classes`` rounded up to a multiple of the device count."""
-    return -(-num_classes // mesh.size) * mesh.size
+def num_padded_classes(num_classes: int, mesh: Mesh, group: int = 1) -> int:
+    """``num_classes`` rounded up to a multiple of the device count times ``group``: each device then
+    holds whole groups of ``group`` consecutive classes (the synthesis loss's official batches)."""
+    unit = mesh.size * max(1, int(group))
+    return -(-num_classes // unit) * unit
 
 
-def owned_classes(num_classes: int, mesh: Mesh) -> list[int]:
+def owned_classes(num_classes: int, mesh: Mesh, group: int = 1) -> list[int]:
     """The real classes whose shard lives on this process's devices, in order."""
     sharding = class_sharding(mesh)
-    shape = (num_padded_classes(num_classes, mesh),)
+    shape = (num_padded_classes(num_classes, mesh, group),)
     owned = set()
     for index in sharding.addressable_devices_indices_map(shape).values():
         owned.update(range(*index[0].indices(shape[0])))
@@ -108,12 +133,13 @@ def owned_classes(num_classes: int, mesh: Mesh) -> list[int]:
 
 
 def class_array(mesh: Mesh, num_classes: int, per_class: Callable[[int], np.ndarray], row_shape: tuple,
-                dtype=np.float32) -> jax.Array:
+                dtype=np.float32, group: int = 1) -> jax.Array:
     """A class-sharded global array ``[C_pad, *row_shape]`` from ``per_class(k)`` for this process's classes.
 
-    Only the classes of local devices are asked for (each once); padded classes are zeros.
+    Only the classes of local devices are asked for (each once); padded classes are zeros. ``group``:
+    as in `num_padded_classes`.
     """
-    C_pad = num_padded_classes(num_classes, mesh)
+    C_pad = num_padded_classes(num_classes, mesh, group)
     row_shape = tuple(int(s) for s in row_shape)
     cache: dict[int, np.ndarray] = {}
 

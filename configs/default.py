@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
         jitter=32,                       # max random roll in px at 224 px; scaled to data.image_size
         flip=True,
         batch_size=100,                  # the official batch: the loss is summed over groups of this many
+        chunk_images=0,                  # images per forward/backward chunk of a device; 0 = auto (CPU: all, else batch_size)
         method="",                       # name in results; '' = derived (wmdd, no_barycenter, ..._global_bn)
         checkpoint_every_steps=200,
         checkpoint_every_secs=180.0,

@@ -125,6 +125,7 @@ def check_config(config) -> None:
         _finite_number(config, f"{s}.{name}")
     _one_of(config, f"{s}.init", ("real", "noise"))
     _positive_int(config, f"{s}.jitter", zero_ok=True)
+    _positive_int(config, f"{s}.chunk_images", zero_ok=True)
     _positive_int(config, "barycenter.max_features_per_class", zero_ok=True)
     _positive_int(config, "barycenter.num_iterations")
     _positive_int(config, "barycenter.batch_size", zero_ok=True)

@@ -16,7 +16,8 @@ does all of them; on several hosts each reads and writes only its own.
 
 from wmdd_jax.distill.class_stats import (STATS_DIR, ClassStatistics, class_statistics, data_recipe,
                                           load_statistics, save_statistics, statistics)
-from wmdd_jax.distill.loss import SynthesisState, Targets, make_synthesis_step, synthesis_loss
+from wmdd_jax.distill.loss import (SynthesisState, Targets, class_layout, make_synthesis_step, synthesis_grad_fn,
+                                    synthesis_loss)
 from wmdd_jax.distill.synthesis import SYNTHETIC_DIR, init_images, method_name, recover, save_grid
 from wmdd_jax.distill.targets import BARYCENTER_DIR, BARYCENTER_KEYS, barycenter, compute_barycenters, load_barycenters
 
@@ -24,5 +25,5 @@ __all__ = [
     "BARYCENTER_DIR", "BARYCENTER_KEYS", "ClassStatistics", "STATS_DIR", "SYNTHETIC_DIR", "SynthesisState",
     "Targets", "barycenter", "class_statistics", "compute_barycenters", "data_recipe", "init_images",
     "load_barycenters", "load_statistics", "make_synthesis_step", "method_name", "recover", "save_grid",
-    "save_statistics", "statistics", "synthesis_loss",
+    "save_statistics", "statistics", "synthesis_loss", "synthesis_grad_fn", "class_layout",
 ]

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from wmdd_jax import checkpoint as ckpt
@@ -56,31 +57,53 @@ def _feature_fn(model):
 
 
 def class_statistics(teacher: Teacher, source: Source, *, classes=None, batch_size: int = 500,
-                     max_features_per_class: int = 0, seed: int = 0, verbose: bool = True) -> ClassStatistics:
+                     max_features_per_class: int = 0, seed: int = 0, devices=None,
+                     verbose: bool = True) -> ClassStatistics:
     """One pass over the images of ``classes`` (default all); BN statistics pooled exactly in float64.
 
     Only those classes' images are read. With ``max_features_per_class``, class ``k`` keeps a
     random subset drawn from ``(seed, k)``, the same whichever process computes it.
+
+    Data parallel over ``devices`` (default: this process's, ``jax.local_devices()``): each batch,
+    rounded up to a multiple of their count, is split along a 1-D ``batch`` mesh and the teacher
+    replicated on it. One batch stays in flight: batch ``i + 1`` is dispatched before batch ``i``
+    comes back to the host, so reading the images overlaps the devices' work. Per-sample results
+    are pooled on the host in float64, so they do not depend on the device count beyond round-off
+    inside the per-sample computation.
     """
     classes = list(range(source.num_classes)) if classes is None else [int(k) for k in classes]
     per_class = [np.asarray(source.class_indices(k)) for k in classes]
     order = np.concatenate(per_class)
     position = np.repeat(np.arange(len(classes)), [len(i) for i in per_class])
+    mesh = Mesh(np.asarray(jax.local_devices() if devices is None else devices), ("batch",))
+    batch_size = -(-batch_size // mesh.size) * mesh.size  # padded rows (the last index again) are dropped
+    rows = NamedSharding(mesh, PartitionSpec("batch"))
+    variables = jax.device_put(teacher.variables, NamedSharding(mesh, PartitionSpec()))
     run = _feature_fn(teacher.model)
     feats, counts = [], np.bincount(position, minlength=len(classes)).astype(np.float64)
     sums: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="statistics", leave=False,
-                      disable=not verbose or jax.process_index() != 0):
-        idx, pos = order[start : start + batch_size], position[start : start + batch_size]
-        pad = batch_size - len(idx)
-        images, _ = source.get(np.concatenate([idx, np.full(pad, idx[-1])]))
-        f, moments = run(teacher.variables, normalize(images, source.mean, source.std))
-        feats.append(np.asarray(f[: len(idx)]))
+
+    def pool(start, outputs):  # batch ``start``'s outputs, waited for and added up on the host
+        f, moments = jax.device_get(outputs)
+        n, pos = min(batch_size, len(order) - start), position[start : start + batch_size]
+        feats.append(f[:n])
         for layer, (m, v) in moments.items():
-            m, v = np.asarray(m[: len(idx)], np.float64), np.asarray(v[: len(idx)], np.float64)
+            m, v = np.asarray(m[:n], np.float64), np.asarray(v[:n], np.float64)
             s = sums.setdefault(layer, [np.zeros((len(classes), m.shape[1])), np.zeros((len(classes), m.shape[1]))])
             np.add.at(s[0], pos, m)
             np.add.at(s[1], pos, v + m * m)  # per-sample E[x^2]
+
+    in_flight = None
+    for start in tqdm(range(0, len(order), batch_size), desc="statistics", leave=False,
+                      disable=not verbose or jax.process_index() != 0):
+        idx = order[start : start + batch_size]
+        images, _ = source.get(np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]))
+        outputs = run(variables, jax.device_put(normalize(images, source.mean, source.std), rows))
+        if in_flight is not None:
+            pool(*in_flight)
+        in_flight = (start, outputs)
+    if in_flight is not None:
+        pool(*in_flight)
     features = np.split(np.concatenate(feats), np.cumsum([len(i) for i in per_class])[:-1])
     denom = np.maximum(counts, 1)[:, None]
     bn_mean = {k: (s[0] / denom).astype(np.float32) for k, s in sums.items()}
@@ -129,9 +152,9 @@ def load_statistics(folder: str, classes) -> ClassStatistics:
                            {k: np.stack(v) for k, v in variances.items()})
 
 
-def owned_classes(mesh, num_classes: int) -> list[int]:
-    """The classes this process works on: its devices' share of the class axis."""
-    classes = sharding.owned_classes(num_classes, mesh)
+def owned_classes(mesh, num_classes: int, group: int = 1) -> list[int]:
+    """The classes this process works on: its devices' share of the class axis (whole ``group``s each)."""
+    classes = sharding.owned_classes(num_classes, mesh, group)
     if not classes:
         raise UserError(f"process {jax.process_index()} owns none of the {num_classes} classes on a mesh of "
                         f"{mesh.size} devices; use fewer devices (--config.mesh.shape)")

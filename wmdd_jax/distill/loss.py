@@ -13,6 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from wmdd_jax.data import augment, normalize
 from wmdd_jax.models import BN_STATS, collect_bn_moments, pooled_moments
@@ -52,7 +53,7 @@ def _norm(x):
 
 
 def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int, class_ids=None,
-                   class_mask=None):
+                   class_mask=None, spread=None):
     """WMDD's objective on all classes at once; ``images`` [C, m, h, w, c].
 
     ``class_ids`` ([C], default ``arange(C)``) are the labels of the classes given (a shard of
@@ -68,6 +69,10 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
       feature: sum over groups of the Frobenius norm of the group's feature differences;
       BN: sum over groups of the mean over its classes of ||var_t - var|| + ||mean_t - mean||.
     A group's means divide by the real classes in it (padded classes count for nothing).
+
+    ``spread``: ``(axis names, position of this device's first class, groups in all)`` inside a
+    ``shard_map`` whose devices hold fewer classes than a group (`make_synthesis_step`): the groups' sums
+    are then added across those axes, and the loss returned is that of every device's classes.
     """
     C, m = images.shape[:2]
     g = max(1, int(cfg.batch_size) // m)           # classes per official batch
@@ -81,17 +86,26 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
                                                     mutable=[BN_STATS])
     image_mask = jnp.repeat(mask, m)
     labels = jnp.repeat(class_ids, m)
-    class_group = jnp.arange(C) // g
-    count = jax.ops.segment_sum(mask, class_group, groups)  # real classes per group
+    if spread is None:
+        axes, class_group = None, jnp.arange(C) // g
+    else:
+        axes, first, groups = spread
+        class_group = (first + jnp.arange(C)) // g
+
+    def group_sum(per_class):  # [C, ...] -> [groups, ...], over every device of ``spread``
+        sums = jax.ops.segment_sum(per_class, class_group, groups)
+        return sums if axes is None else jax.lax.psum(sums, axes)
+
+    count = group_sum(mask)  # real classes per group
     group_has_class = count > 0  # False: a group of padding only
 
     def group_means(per_class):  # [C] -> sum over groups of the group's mean over its classes
-        return jnp.sum(jax.ops.segment_sum(per_class * mask, class_group, groups) / jnp.maximum(count, 1))
+        return jnp.sum(group_sum(per_class * mask) / jnp.maximum(count, 1))
 
     ce_per_image = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     ce = group_means(ce_per_image.reshape(C, m).mean(1))
     sq = jnp.sum(jnp.square(features - targets.support.reshape(C * m, -1)), axis=-1).reshape(C, m).sum(1)
-    feature = jnp.sum(jnp.sqrt(jax.ops.segment_sum(sq * mask, class_group, groups) + 1e-12) * group_has_class)
+    feature = jnp.sum(jnp.sqrt(group_sum(sq * mask) + 1e-12) * group_has_class)
 
     bn = 0.0
     local = jnp.repeat(jnp.arange(C), m)  # position of each image's class among those given
@@ -102,7 +116,8 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
             per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)  # [C]
             bn += weight * group_means(per)
         else:  # SRe2L: each batch's statistics against the teacher's running statistics
-            mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups, weights=image_mask)
+            mu, var = pooled_moments(mu_i, var_i, jnp.repeat(class_group, m), groups, weights=image_mask,
+                                     axis_names=axes)
             per = _norm(targets.bn_var[layer] - var) + _norm(targets.bn_mean[layer] - mu)
             bn += weight * jnp.sum(per * group_has_class)
     feature_term = feature if cfg.use_barycenter else 0.0
@@ -110,23 +125,137 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     return total, {"ce": ce, "feature": feature, "bn": bn}
 
 
-def make_synthesis_step(model, cfg, mean, std, image_size: int, tx, seed: int, state_shardings=None):
+def classes_per_group(cfg, ipc: int, num_classes: int) -> int:
+    """Classes per official batch of ``cfg.batch_size`` images (`synthesis_loss`), at most ``num_classes``.
+
+    The loss is a sum over these groups, so a device or a chunk that holds whole groups computes its
+    part and its gradient alone: the class axis is laid out in whole groups (`wmdd_jax.sharding`'s
+    ``group``).
+    """
+    return min(max(1, int(cfg.batch_size) // int(ipc)), int(num_classes))
+
+
+def class_layout(cfg, ipc: int, num_classes: int, num_devices: int) -> tuple[int, bool]:
+    """``(group, spread)``: how the class axis lies on ``num_devices`` devices for the synthesis.
+
+    When every device can hold a whole group (`classes_per_group`), each holds whole groups
+    (``group`` for `wmdd_jax.sharding.num_padded_classes`) and computes its loss alone (``spread``
+    False). Otherwise (fewer classes than devices times a group: a device then holds fewer images than
+    one official batch) the classes are split evenly and the groups' sums are added across devices.
+    """
+    g = classes_per_group(cfg, ipc, num_classes)
+    if num_devices == 1 or num_classes >= num_devices * g:
+        return g, False
+    return 1, True
+
+
+def chunk_classes(cfg, ipc: int, local_classes: int, group: int, platform: str) -> int:
+    """Classes per chunk of a device's synthesis step: whole groups that divide ``local_classes``.
+
+    ``cfg.chunk_images`` images at most (0: all of a device's classes at once on a CPU, where memory is
+    plentiful and one large batch is fastest; ``cfg.batch_size``, the official batch, on GPU and TPU, so
+    that a device's memory does not grow with its number of classes).
+    """
+    images = int(cfg.get("chunk_images", 0)) or (local_classes * ipc if platform == "cpu" else int(cfg.batch_size))
+    if local_classes % group:
+        return local_classes
+    groups = local_classes // group
+    most = max(1, images // (ipc * group))
+    return group * max(d for d in range(1, groups + 1) if groups % d == 0 and d <= most)
+
+
+def synthesis_grad(images, rng, teacher: Teacher, targets: Targets, cfg, image_size: int, class_ids, class_mask,
+                   chunk: int):
+    """(gradient of `synthesis_loss` with respect to ``images``, loss parts), ``chunk`` classes at a time.
+
+    ``images`` [C, m, ...] with C a multiple of ``chunk`` and every chunk whole groups
+    (`classes_per_group`): the loss is a sum over groups, so the chunks' parts add up to the loss of all
+    C classes and each chunk's gradient is that of the whole loss. The chunks run in sequence (one
+    forward and backward pass of ``chunk * m`` images each); the activations of one chunk are live at a time.
+    """
+    grad_fn = jax.value_and_grad(synthesis_loss, has_aux=True)
+    C = images.shape[0]
+    if chunk >= C:
+        (_, parts), grads = grad_fn(images, rng, teacher, targets, cfg, image_size, class_ids, class_mask)
+        return grads, parts
+    g = max(1, int(cfg.batch_size) // images.shape[1])
+    if C % chunk or chunk % g:
+        raise ValueError(f"a chunk of {chunk} classes must divide the {C} classes given and hold whole groups of "
+                         f"{g} classes (synthesis.batch_size / ipc)")
+    split = lambda x: x.reshape(C // chunk, chunk, *x.shape[1:])  # noqa: E731
+    per_class_bn = bool(cfg.per_class_bn)
+    bn = (targets.bn_mean, targets.bn_var)
+
+    def one(args):
+        x, support, bn_chunk, ids, mask = args
+        mean, var = bn_chunk if per_class_bn else bn
+        (_, parts), grads = grad_fn(x, rng, teacher, Targets(support, mean, var), cfg, image_size, ids, mask)
+        return grads, parts
+
+    chunks = (split(images), split(targets.support), jax.tree.map(split, bn) if per_class_bn else None,
+              split(class_ids), split(class_mask))
+    grads, parts = jax.lax.map(one, chunks)
+    return grads.reshape(images.shape), jax.tree.map(lambda p: p.sum(0), parts)
+
+
+def synthesis_grad_fn(model, cfg, image_size: int, mesh=None, chunk: int | None = None, spread: bool = False):
+    """``grad(images, key, variables, targets, class_ids, class_mask) -> (gradient, loss parts)``.
+
+    With ``mesh`` it is a ``shard_map`` over it: each device takes the gradient of its own classes
+    (``chunk`` at a time, `synthesis_grad`), pooling their BN moments where they lie, and only the
+    scalar loss parts are summed across devices. The class axis is laid out as `class_layout` says:
+    in whole groups, or with ``spread`` groups whose sums are added across devices (no chunks then).
+    ``chunk``: classes per chunk (default: all of a device's classes at once).
+    """
+    if spread and chunk:
+        raise ValueError("groups spread over devices are computed whole: pass no chunk with spread=True")
+
+    def local_grad(images, key, variables, targets, class_ids, class_mask):
+        return synthesis_grad(images, key, Teacher(model, variables), targets, cfg, image_size, class_ids,
+                              class_mask, chunk or images.shape[0])
+
+    if mesh is None:
+        return local_grad
+    axes = tuple(mesh.axis_names)
+    classes, whole = PartitionSpec(axes), PartitionSpec()
+    bn_spec = classes if cfg.per_class_bn else whole
+
+    def device_grad(images, key, variables, targets, class_ids, class_mask):
+        # The teacher's weights as per-device values: the custom backward passes of the CPU kernels
+        # (Winograd, BatchNorm) return per-device weight cotangents, which must match their inputs' type.
+        # Nothing crosses devices for it: the weights' gradient is never used.
+        variables = jax.lax.pcast(variables, axes, to="varying")
+        if not spread:
+            grads, parts = local_grad(images, key, variables, targets, class_ids, class_mask)
+            return grads, jax.lax.psum(parts, axes)
+        C_local = images.shape[0]
+        g = max(1, int(cfg.batch_size) // images.shape[1])
+        where = (axes, jax.lax.axis_index(axes) * C_local, -(-C_local * mesh.size // g))
+        (_, parts), grads = jax.value_and_grad(synthesis_loss, has_aux=True)(
+            images, key, Teacher(model, variables), targets, cfg, image_size, class_ids, class_mask, where)
+        return grads, parts  # the loss of every device's classes already
+
+    return jax.shard_map(device_grad, mesh=mesh, out_specs=(classes, whole),
+                         in_specs=(classes, whole, whole, Targets(classes, bn_spec, bn_spec), classes, classes))
+
+
+def make_synthesis_step(model, cfg, mean, std, image_size: int, tx, seed: int, state_shardings=None, mesh=None,
+                        chunk: int | None = None, spread: bool = False):
     """``step(state, targets, variables, class_ids, class_mask) -> (state, loss parts)``, one jit.
 
-    With ``state_shardings`` the new state keeps the class sharding of the old (the mesh's
-    devices each update their own classes; XLA adds the few cross-class sums).
+    The gradient is `synthesis_grad_fn`'s (``mesh``, ``chunk``, ``spread`` as there). With
+    ``state_shardings`` the new state keeps the class sharding of the old (the Adam update is
+    elementwise: each device updates its own classes).
     """
     lo, hi = normalize(jnp.zeros(()), mean, std), normalize(jnp.ones(()), mean, std)
+    grad = synthesis_grad_fn(model, cfg, image_size, mesh, chunk, spread)
 
     def step(state: SynthesisState, targets: Targets, variables, class_ids, class_mask):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
-        (_, parts), grads = jax.value_and_grad(synthesis_loss, has_aux=True)(
-            state.images, key, Teacher(model, variables), targets, cfg, image_size, class_ids, class_mask)
+        grads, parts = grad(state.images, key, variables, targets, class_ids, class_mask)
         updates, opt_state = tx.update(grads, state.opt_state, state.images)
         images = jnp.clip(optax.apply_updates(state.images, updates), lo, hi)  # valid [0, 1] pixels
         return state.replace(step=state.step + 1, images=images, opt_state=opt_state), parts
 
     out = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out)
-
-

@@ -22,7 +22,7 @@ from wmdd_jax import checkpoint as ckpt
 from wmdd_jax import files, sharding
 from wmdd_jax.data import Source, denormalize, load_split, normalize
 from wmdd_jax.distill.class_stats import STATS_DIR, ClassStatistics, load_statistics, owned_classes
-from wmdd_jax.distill.loss import SynthesisState, Targets, make_synthesis_step
+from wmdd_jax.distill.loss import SynthesisState, Targets, chunk_classes, class_layout, make_synthesis_step
 from wmdd_jax.distill.targets import barycenter
 from wmdd_jax.errors import UserError
 from wmdd_jax.metric_writers import EventFileWriter
@@ -99,7 +99,8 @@ def recover(config, workdir: str) -> np.ndarray:
     if int(cfg.iterations) < 0:
         raise UserError(f"synthesis.iterations must be >= 0 (0: the initial images, unoptimised), "
                         f"got {cfg.iterations}")
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in (*BOOKKEEPING, "method")}
+    # chunk_images changes how the gradient is computed, not what it is.
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in (*BOOKKEEPING, "method", "chunk_images")}
     source = load_split(config.data, "train")
     teacher = load_teacher(config, workdir, source)
     teacher_id = teacher_identity(teacher)
@@ -111,15 +112,16 @@ def recover(config, workdir: str) -> np.ndarray:
         return _load_images(mine if os.path.exists(mine) else out_file)
     C, m = source.num_classes, int(config.ipc)
     mesh = sharding.make_mesh(config.mesh)
-    classes = owned_classes(mesh, C)
-    C_pad = sharding.num_padded_classes(C, mesh)
+    group, spread = class_layout(cfg, m, C, mesh.size)  # whole official batches per device, if it can
+    classes = owned_classes(mesh, C, group)
+    C_pad = sharding.num_padded_classes(C, mesh, group)
     stats = load_statistics(os.path.join(workdir, STATS_DIR), classes)
     bc = barycenter(config, workdir, teacher_id)
     row = {k: i for i, k in enumerate(classes)}
 
     def by_class(arrays):  # this process's rows -> a class-sharded global array
         arrays = np.asarray(arrays)
-        return sharding.class_array(mesh, C, lambda k: arrays[row[k]], arrays.shape[1:], arrays.dtype)
+        return sharding.class_array(mesh, C, lambda k: arrays[row[k]], arrays.shape[1:], arrays.dtype, group)
 
     if cfg.per_class_bn:
         bn_mean = {layer: by_class(v) for layer, v in stats.bn_mean.items()}
@@ -131,8 +133,8 @@ def recover(config, workdir: str) -> np.ndarray:
         bn_var = sharding.put_replicated({k[: -len("/var")]: v for k, v in running.items()
                                           if k.endswith("/var")}, mesh)
     targets = Targets(by_class(bc["support"]), bn_mean, bn_var)
-    class_ids = sharding.class_array(mesh, C, lambda k: np.int32(k), (), np.int32)
-    class_mask = sharding.class_array(mesh, C, lambda k: np.float32(1), ())
+    class_ids = sharding.class_array(mesh, C, lambda k: np.int32(k), (), np.int32, group)
+    class_mask = sharding.class_array(mesh, C, lambda k: np.float32(1), (), np.float32, group)
     variables = sharding.put_replicated(teacher.variables, mesh)
 
     schedule = optax.cosine_decay_schedule(cfg.lr, max(int(cfg.iterations), 1))
@@ -148,7 +150,9 @@ def recover(config, workdir: str) -> np.ndarray:
     state = ckpt.restore(manager, state)
     step_fn = make_synthesis_step(teacher.model, cfg, np.asarray(source.mean, np.float32),
                                   np.asarray(source.std, np.float32), source.image_shape[0], tx,
-                                  seed=config.seed + 1, state_shardings=shardings)
+                                  seed=config.seed + 1, state_shardings=shardings, mesh=mesh,
+                                  spread=spread, chunk=None if spread else chunk_classes(
+                                      cfg, m, C_pad // mesh.size, group, sharding.mesh_platform(mesh)))
     start, last_save, t0 = int(state.step), time.time(), time.time()
     if start:
         print(f"recover: resuming at step {start} of {cfg.iterations}")

@@ -17,6 +17,8 @@ from wmdd_jax.files import WorkdirLock, make_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, arrays, metrics and results go here.")
+flags.DEFINE_string("target", None, "plan only: tpu:<topology>[:megacore] (e.g. tpu:v5e:4x4), gpu:<card>:<count> "
+                    "(h100, a100) or cpu:<count>.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override fields with --config.a.b=value.",
                                 lock_config=True)
 
@@ -36,7 +38,7 @@ def _stages():
             "export": process_zero_only(export)}
 
 
-STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all", "distill", "export")
+STAGES = ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "all", "distill", "export", "plan")
 
 
 def _fail(message: str) -> None:
@@ -109,7 +111,10 @@ def main(argv: list[str]) -> None:
         # One lock per process of a run: the processes of one jax.distributed run share the folder.
         name = ".lock" if process_index() == 0 else f".lock.process{process_index()}"
         with WorkdirLock(FLAGS.workdir, name):
-            _stages()[argv[1]](config, FLAGS.workdir)
+            if argv[1] == "plan":
+                _plan(config)
+            else:
+                _stages()[argv[1]](config, FLAGS.workdir)
     except UserError as e:
         _fail(str(e))
     except OSError as e:  # the file system said no (permissions, a full disk, a missing file)
@@ -118,6 +123,19 @@ def main(argv: list[str]) -> None:
         where = f" {e.filename!r}" if e.filename else ""
         _fail(f"cannot access{where}: {e.strerror or e} (check the path and its permissions, or pass another "
               f"--workdir)")
+
+
+def _plan(config) -> None:
+    """Stage ``plan`` (`wmdd_jax.plan`): exit 3, one line per stage, when a stage does not fit the target."""
+    from wmdd_jax.plan import not_fitting, plan
+
+    if not FLAGS.target:
+        raise UserError("plan needs --target, e.g. --target=tpu:v5e:4x4, gpu:h100:8 or cpu:1")
+    problems = not_fitting(plan(config, FLAGS.workdir, FLAGS.target))
+    if problems:
+        for line in problems:
+            print(f"wmdd_jax: does not fit: {line}", file=sys.stderr)
+        sys.exit(3)
 
 
 def run() -> None:

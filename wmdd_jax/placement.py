@@ -36,13 +36,15 @@ def stack(trees: list) -> Any:
 class BatchLayout:
     """How one group of runs (``num_runs``, ``None`` for a single unstacked run) sits on ``mesh``."""
 
-    def __init__(self, mesh: Mesh | None, num_runs: int | None, batch_size: int):
+    def __init__(self, mesh: Mesh | None, num_runs: int | None, batch_size: int, num_processes: int | None = None):
+        """``num_processes``: of the run (default ``jax.process_count()``; `wmdd_jax.plan` lays out a pod's)."""
         self.num_runs, self.batch_size = num_runs, batch_size
         self.mode, self.mesh = "single", mesh
         if mesh is None or mesh.size == 1:
             return
         devices = list(mesh.devices.flat)
-        if jax.process_count() > 1:  # every process's devices take part: the whole mesh or nothing
+        processes = jax.process_count() if num_processes is None else num_processes
+        if processes > 1:  # every process's devices take part: the whole mesh or nothing
             sizes = [len(devices)]
         else:  # on one process, as many devices as divide the work (3 runs of batch 100 on 8: 4)
             sizes = [d for d in range(len(devices), 0, -1) if len(devices) % d == 0]

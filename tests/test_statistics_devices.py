@@ -47,10 +47,16 @@ SCRIPT = textwrap.dedent("""
     one = class_stats.class_statistics(teacher, source, devices=jax.local_devices()[:1], verbose=False)
     assert [len(c[2]) for c in calls] == [1], calls
     calls.clear()
-    four = class_stats.class_statistics(teacher, source, verbose=False)  # default: all local devices
+    # The default on a CPU: its first device (a process's CPU devices share its cores).
+    class_stats.class_statistics(teacher, source, classes=[0], verbose=False)
+    assert [len(c[2]) for c in calls] == [1], calls
+    calls.clear()
+    everything = jax.local_devices()
+    four = class_stats.class_statistics(teacher, source, devices=everything, verbose=False)
     # 30 is no multiple of 4 (rounded up to 32); 120 images: 3 full batches and one of 24 real rows.
     classes = [2, 5, 9]
-    odd = class_stats.class_statistics(teacher, source, classes=classes, batch_size=30, verbose=False)
+    odd = class_stats.class_statistics(teacher, source, classes=classes, batch_size=30, devices=everything,
+                                       verbose=False)
 
     # (c) every batch was split over the 4 devices, and the program's outputs stayed split.
     assert [c[2] for c in calls] == [[125] * 4] + [[8] * 4] * 4, [c[2] for c in calls]

@@ -57,6 +57,23 @@ SCRIPT = textwrap.dedent("""
             np.testing.assert_allclose(got.weights, want.weights, atol=1e-6, err_msg=f"{name} {variant}")
             np.testing.assert_allclose(got.cost, want.cost, rtol=5e-3, atol=1e-6, err_msg=f"{name} {variant}")
             assert np.all(np.isfinite(got.support)), name
+
+    # The barycenter stage's own split (wmdd_jax.distill.targets): 13 classes of a process over the 8
+    # devices (padded to 16), against the stage on one device; same tolerances.
+    import ml_collections
+    from wmdd_jax.distill.class_stats import ClassStatistics
+    from wmdd_jax.distill.targets import compute_barycenters
+    mine = list(range(3, 16))
+    feats = [features[labels == c] for c in mine]
+    stats = ClassStatistics(mine, feats, [np.arange(len(f)) for f in feats], {}, {})
+    for lw, atol in ((False, 5e-3), (True, 1e-5)):
+        cfg = ml_collections.ConfigDict(dict(learn_weights=lw, num_iterations=100, batch_size=1))
+        alone = compute_barycenters(stats, M, cfg, 0, C, devices=jax.devices()[:1])
+        spread = compute_barycenters(stats, M, cfg, 0, C, devices=jax.devices())
+        assert spread.support.shape == (13, M, 4) and len(spread.support.sharding.device_set) == 8
+        np.testing.assert_allclose(spread.support, alone.support, atol=atol, err_msg=f"stage {lw}")
+        np.testing.assert_allclose(spread.weights, alone.weights, atol=1e-6, err_msg=f"stage {lw}")
+        np.testing.assert_allclose(spread.cost, alone.cost, rtol=5e-3, atol=1e-6, err_msg=f"stage {lw}")
     print("multidevice OK")
 """)
 

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wmdd_jax import files, placement, sharding
 from wmdd_jax.distill.loss import SynthesisState, Targets, chunk_classes, class_layout, make_synthesis_step
+from wmdd_jax.distill.targets import class_barycenters_on
 from wmdd_jax.errors import UserError
 from wmdd_jax.host import tpu_present
 from wmdd_jax.models import BN_STATS, collect_bn_moments
@@ -312,21 +313,21 @@ def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]
     out["statistics"] = ((lambda args=args: jax.jit(features).lower(*args)), steps,
                          f"data parallel on each host's {per_host} devices, batch {batch}")
 
-    # barycenter: one class's solve (as the stage runs them, in sequence on one device per host).
+    # barycenter: the stage's program, the host's classes split over its devices (its own classes each).
     feature_dim = jax.eval_shape(features, teacher_vars,
                                  jax.ShapeDtypeStruct((1, *shapes.image_shape), jnp.float32))[0].shape[-1]
     per_class = int(config.barycenter.max_features_per_class) or math.ceil(shapes.num_train / C)
-    from wmdd_jax import barycenter as bary
-
-    one = jax.ShapeDtypeStruct((per_class, feature_dim), jnp.float32,
-                               sharding=NamedSharding(Mesh(np.asarray(target.host_devices()[:1]), ("d",)),
-                                                      PartitionSpec()))
-    solve = jax.jit(lambda f: bary.free_support_barycenter(
-        f, num_support=m, learn_weights=bool(config.barycenter.learn_weights),
-        num_iterations=int(config.barycenter.num_iterations), rng=jax.random.key(0)))
-    out["barycenter"] = ((lambda: solve.lower(one)), math.ceil(C / target.hosts),
-                         f"one class per solve ({per_class} x {feature_dim} features), classes in sequence "
-                         f"on one device per host; loops counted once")
+    host_classes = -(-math.ceil(C / target.hosts) // host.size) * host.size
+    bary_mesh = Mesh(np.asarray(target.host_devices()), ("classes",))
+    solve = class_barycenters_on(bary_mesh, m, config.barycenter)
+    split = NamedSharding(bary_mesh, PartitionSpec("classes"))
+    bary_args = (jax.ShapeDtypeStruct((host_classes, per_class, feature_dim), jnp.float32, sharding=split),
+                 jax.ShapeDtypeStruct((host_classes, per_class), jnp.float32, sharding=split),
+                 jax.eval_shape(lambda: jax.random.split(jax.random.key(0), host_classes)))
+    bary_args = (*bary_args[:2], jax.ShapeDtypeStruct(bary_args[2].shape, bary_args[2].dtype, sharding=split))
+    out["barycenter"] = ((lambda: solve.lower(*bary_args)), 1,
+                         f"{host_classes // host.size} classes per device ({per_class} x {feature_dim} features "
+                         f"each); XLA counts each loop body once: a lower bound")
 
     # recover: the synthesis step over the whole mesh, classes sharded, in chunks.
     cfg = config.synthesis
@@ -438,6 +439,8 @@ def plan(config, workdir: str, target_text: str) -> list[dict]:
     target = parse_target(target_text)
     shapes = _Shapes(config)
     programs = _stage_programs(config, target, shapes)
+    rate = _decode_rate(shapes.image_shape[0]) if shapes.image_shape[0] >= 64 else None
+    _print_header(target)
     records = []
     for stage in ("pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate"):
         if stage not in programs:
@@ -448,41 +451,40 @@ def plan(config, workdir: str, target_text: str) -> list[dict]:
                       **_analyse(thunk, steps, note, target)}
             record["device_memory_bytes"] = target.device_memory
             record["fits"] = bool(record.get("compiled")) and record["per_device_bytes"] <= target.device_memory
+            # pretrain and statistics read real images: what a host must decode per second at the estimate.
+            if stage in ("pretrain", "statistics") and record.get("estimated_seconds"):
+                images = shapes.num_train * (int(config.teacher.epochs) if stage == "pretrain" else 1)
+                record["images_per_second_per_host_needed"] = images / target.hosts / record["estimated_seconds"]
+                record["images_per_second_decoded_here"] = rate
+            record["peak_figures"] = target.peak_source
+            _print_row(record)
             records.append(record)
-    # Input: pretrain and statistics read real images; what a host must decode per second at the estimate.
-    rate = _decode_rate(shapes.image_shape[0]) if shapes.image_shape[0] >= 64 else None
-    for record in records:
-        if record["stage"] in ("pretrain", "statistics") and record.get("estimated_seconds"):
-            images = shapes.num_train * (int(config.teacher.epochs) if record["stage"] == "pretrain" else 1)
-            record["images_per_second_per_host_needed"] = images / target.hosts / record["estimated_seconds"]
-            record["images_per_second_decoded_here"] = rate
-    for record in records:
-        record["peak_figures"] = target.peak_source
-    _print(records, target)
+    total = sum(r.get("estimated_seconds", 0.0) for r in records)
+    print(f"total estimate: {_duration(total)} (every stage once; evaluate counts each model and label mode)")
     files.write_json(os.path.join(workdir, PLAN_FILE), records)
     return records
 
 
-def _print(records: list[dict], target: Target) -> None:
+def _print_header(target: Target) -> None:
     print(f"plan for {target.name}: {len(target.devices)} devices on {target.hosts} hosts; roofline peak figures: "
           f"{target.peak_source}. Estimates of compiled programs, not measured times.")
     print(f"{'stage':<11} {'program':<22} {'fits':<4} {'GiB/device':>14} {'TFLOP/step':>10} {'GB/step':>9} "
-          f"{'steps':>8} {'estimate':>10} {'compile':>8}  layout")
-    total = 0.0
-    for r in records:
-        if not r.get("compiled"):
-            print(f"{r['stage']:<11} {r['program'][:22]:<22} no   {'did not compile: ' + r['error']}")
-            continue
-        total += r["estimated_seconds"]
-        mem = f"{r['per_device_bytes'] / GIB:.2f}/{r['device_memory_bytes'] / GIB:.0f}"
-        print(f"{r['stage']:<11} {r['program'][:22]:<22} {'yes' if r['fits'] else 'NO':<4} {mem:>14} "
-              f"{(r['flops_per_step'] or 0) / 1e12:>10.4f} {(r['bytes_per_step'] or 0) / 1e9:>9.3f} "
-              f"{r['steps']:>8} {_duration(r['estimated_seconds']):>10} {r['compile_seconds']:>7.1f}s  {r['layout']}")
-        if "images_per_second_per_host_needed" in r:
-            here = r["images_per_second_decoded_here"]
-            print(f"{'':<11} input: {r['images_per_second_per_host_needed']:.0f} images/s per host needed at the "
-                  f"estimate; {'n/a' if here is None else f'{here:.0f}'} decoded per second by one process here")
-    print(f"total estimate: {_duration(total)} (every stage once; evaluate counts each model and label mode)")
+          f"{'steps':>8} {'estimate':>10} {'compile':>8}  layout", flush=True)
+
+
+def _print_row(r: dict) -> None:
+    if not r.get("compiled"):
+        print(f"{r['stage']:<11} {r['program'][:22]:<22} no   {'did not compile: ' + r['error']}", flush=True)
+        return
+    mem = f"{r['per_device_bytes'] / GIB:.2f}/{r['device_memory_bytes'] / GIB:.0f}"
+    print(f"{r['stage']:<11} {r['program'][:22]:<22} {'yes' if r['fits'] else 'NO':<4} {mem:>14} "
+          f"{(r['flops_per_step'] or 0) / 1e12:>10.4f} {(r['bytes_per_step'] or 0) / 1e9:>9.3f} "
+          f"{r['steps']:>8} {_duration(r['estimated_seconds']):>10} {r['compile_seconds']:>7.1f}s  {r['layout']}")
+    if "images_per_second_per_host_needed" in r:
+        here = r["images_per_second_decoded_here"]
+        print(f"{'':<11} input: {r['images_per_second_per_host_needed']:.0f} images/s per host needed at the "
+              f"estimate; {'n/a' if here is None else f'{here:.0f}'} decoded per second by one process here")
+    sys.stdout.flush()
 
 
 def _duration(seconds: float) -> str:

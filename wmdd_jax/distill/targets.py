@@ -12,7 +12,9 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from wmdd_jax import barycenter as bary
 from wmdd_jax import checkpoint as ckpt
@@ -28,25 +30,74 @@ BARYCENTER_DIR = "barycenter"
 
 
 def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int,
-                        num_classes: int | None = None) -> bary.BarycenterOutput:
+                        num_classes: int | None = None, devices=None) -> bary.BarycenterOutput:
     """``class_barycenters`` over the classes of ``stats`` (padded with zero weight), jitted once.
 
     Class ``k`` draws from ``split(key(seed), num_classes)[k]`` (``num_classes``: of the whole
     set, default ``len(stats.classes)``), so a process's subset gives the rows of the full run.
+    ``devices`` (default: this process's accelerators, or its first CPU device): with several, the
+    classes are split over them (`class_barycenters_on`); each class's row is the same either way.
     """
     num_classes = len(stats.classes) if num_classes is None else num_classes
-    labels = np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(stats.features)])
-    features = np.concatenate(stats.features)
     sizes = [len(f) for f in stats.features]
     if min(sizes) < ipc:
         raise UserError(f"class {stats.classes[int(np.argmin(sizes))]} has {min(sizes)} images, fewer than "
                         f"ipc={ipc}; lower --config.ipc or raise --config.barycenter.max_features_per_class")
-    options = dict(learn_weights=bool(bary_config.learn_weights), num_iterations=int(bary_config.num_iterations),
-                   batch_size=int(bary_config.batch_size) or None)
-    fn = jax.jit(functools.partial(bary.class_barycenters, num_classes=len(sizes), num_support=ipc,
-                                   max_class_size=max(sizes), **options))
     keys = jax.random.split(jax.random.key(seed), num_classes)[np.asarray(stats.classes)]
+    if devices is None:
+        devices = jax.local_devices()
+        devices = devices[:1] if devices[0].platform == "cpu" else devices
+    if len(devices) > 1:
+        mesh = Mesh(np.asarray(devices), ("classes",))
+        points, weights = _padded(stats.features, mesh.size)
+        keys = jnp.concatenate([keys, keys[: len(points) - len(keys)]])  # padded classes: any key
+        fn = class_barycenters_on(mesh, ipc, bary_config)
+        out = fn(points, weights, keys)
+        return jax.tree.map(lambda x: x[: len(sizes)], out)
+    labels = np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(stats.features)])
+    features = np.concatenate(stats.features)
+    fn = jax.jit(functools.partial(bary.class_barycenters, num_classes=len(sizes), num_support=ipc,
+                                   max_class_size=max(sizes), **_options(bary_config)))
     return fn(features, labels, rng=keys)
+
+
+def _options(bary_config) -> dict:
+    return dict(learn_weights=bool(bary_config.learn_weights), num_iterations=int(bary_config.num_iterations),
+                batch_size=int(bary_config.batch_size) or None)
+
+
+def _padded(features: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class clouds as ``points [C_pad, n_max, d]`` and ``weights [C_pad, n_max]`` (as
+    `wmdd_jax.barycenter.pad_classes` lays them out), classes padded to a multiple of ``multiple``
+    with copies of the first (their rows are dropped)."""
+    n_max, d = max(len(f) for f in features), features[0].shape[1]
+    count = -(-len(features) // multiple) * multiple
+    points = np.zeros((count, n_max, d), np.float32)
+    weights = np.zeros((count, n_max), np.float32)
+    for i in range(count):
+        f = features[i] if i < len(features) else features[0]
+        points[i, : len(f)], weights[i, : len(f)] = f, 1.0 / len(f)
+    return points, weights
+
+
+def class_barycenters_on(mesh: Mesh, ipc: int, bary_config):
+    """``fn(points [C, n, d], weights [C, n], keys [C]) -> BarycenterOutput``: the classes split over
+    ``mesh``'s devices (C a multiple of its size), each device solving its own in sequential chunks of
+    ``barycenter.batch_size`` classes (0: one ``vmap``)."""
+    options = _options(bary_config)
+    batch_size = options.pop("batch_size")
+
+    def local(points, weights, keys):
+        def one(args):
+            p, w, key = args
+            return bary.free_support_barycenter(p, ipc, point_weights=w, rng=key, **options)
+
+        if batch_size is None:
+            return jax.vmap(one)((points, weights, keys))
+        return jax.lax.map(one, (points, weights, keys), batch_size=batch_size)
+
+    classes = PartitionSpec(mesh.axis_names)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(classes, classes, classes), out_specs=classes))
 
 
 BARYCENTER_KEYS = ("support", "weights", "cost", "converged")

@@ -54,13 +54,15 @@ ON_EIGHT_DEVICES = textwrap.dedent("""
     assert BatchLayout(mesh, None, 64).mode == "batch"
     for name, m in (("one", None), ("dp", mesh)):
         out[name] = train(model, spec, source, f"{root}/{name}", seed=0, test_source=test, verbose=False, mesh=m)
-    # As many devices as divide the work: 3 students of batch 100 split each batch over 4 of the 8;
-    # 4 students of batch 60 (which 8 does not divide) run whole on 4 devices, one each.
-    assert (BatchLayout(mesh, 3, 100).mode, BatchLayout(mesh, 3, 100).mesh.size) == ("batch", 4)
-    assert (BatchLayout(mesh, 4, 60).mode, BatchLayout(mesh, 4, 60).mesh.size) == ("runs", 4)
+    # Every device: 8 runs one each; 3 students of batch 100 (neither divides 8) on a 2 x 4 grid, the
+    # runs padded to 4 (a copy of the last) and each batch split over 4; likewise 3 of batch 60.
+    assert (BatchLayout(mesh, 8, 100).mode, BatchLayout(mesh, 8, 100).mesh.size) == ("runs", 8)
+    grid = BatchLayout(mesh, 3, 100)
+    assert (grid.mode, dict(grid.mesh.shape), grid.padded_runs) == ("grid", {"runs": 2, "batch": 4}, 4)
+    assert BatchLayout(mesh, 3, 100, num_processes=2).mode == "grid"  # several hosts: all devices too
     spec.batch_size = 60
     for name, m in (("alone", None), ("spread", mesh)):
-        runs = [Run(source, f"{root}/{name}{s}", seed=s) for s in range(4)]
+        runs = [Run(source, f"{root}/{name}{s}", seed=s) for s in range(3)]
         out[name] = train_group(model, spec, runs, test_source=test, verbose=False, mesh=m)
     # On the host: one device's results and the mesh's live on different devices.
     gap = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))

@@ -105,7 +105,8 @@ def main(argv: list[str]) -> None:
 
         check_config(config)
         make_folder(FLAGS.workdir, "--workdir")
-        use_compilation_cache(config.compilation_cache)  # before anything compiles
+        if argv[1] != "plan":  # a compile-only target's programs cannot be read back from the cache
+            use_compilation_cache(config.compilation_cache)  # before anything compiles
 
         initialize_distributed(config)  # before any computation; a no-op unless asked for
         # One lock per process of a run: the processes of one jax.distributed run share the folder.

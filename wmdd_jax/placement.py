@@ -8,6 +8,9 @@ leading run axis) and, given a mesh, spreads the work over its devices. `BatchLa
 * ``batch``: data parallel, the batch axis split and the parameters replicated, when the batch
   size is a multiple of the device count (BatchNorm statistics are then over the global batch:
   the step is one program over the mesh, and XLA adds the cross-device sums);
+* ``grid``: runs over one mesh axis and the batch over the other, when neither divides the device
+  count alone (3 runs of batch 100 on 16 devices: 4 x 4, the runs padded to 4 with a copy of the
+  last, whose results are dropped);
 * ``replicated``: every device computes the whole step (nothing divides).
 
 On one process a layout may use fewer devices than the mesh has: the most that divide the runs
@@ -18,6 +21,7 @@ On several processes each process loads only the rows its own devices hold.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -39,6 +43,7 @@ class BatchLayout:
     def __init__(self, mesh: Mesh | None, num_runs: int | None, batch_size: int, num_processes: int | None = None):
         """``num_processes``: of the run (default ``jax.process_count()``; `wmdd_jax.plan` lays out a pod's)."""
         self.num_runs, self.batch_size = num_runs, batch_size
+        self.padded_runs = num_runs  # the runs stepped: ``num_runs``, or more in a ``grid``
         self.mode, self.mesh = "single", mesh
         if mesh is None or mesh.size == 1:
             return
@@ -53,7 +58,17 @@ class BatchLayout:
                 if count is not None and count % d == 0 and d > 1:
                     self.mode, self.mesh = mode, Mesh(np.asarray(devices[:d]), ("devices",))
                     return
+            b = math.gcd(batch_size, d)  # the batch over b devices, the runs over the other d / b
+            if num_runs is not None and num_runs > 1 and d > 1 and d // b > 1:
+                r = d // b
+                self.padded_runs = -(-num_runs // r) * r
+                self.mode, self.mesh = "grid", Mesh(np.asarray(devices[:d]).reshape(r, b), ("runs", "batch"))
+                return
         self.mode = "replicated"
+
+    def pad(self, items: list) -> list:
+        """``items`` (one per run) with copies of the last for the padding runs of a ``grid``."""
+        return list(items) + [items[-1]] * ((self.padded_runs or len(items)) - len(items))
 
     def _sharding(self, spec: PartitionSpec) -> NamedSharding | None:
         return None if self.mode == "single" else NamedSharding(self.mesh, spec)
@@ -65,10 +80,14 @@ class BatchLayout:
     @property
     def state_sharding(self) -> NamedSharding | None:
         """The runs' parameters and optimizer states: split by run, or whole on every device."""
+        if self.mode == "grid":
+            return self._sharding(PartitionSpec("runs"))
         return self._sharding(PartitionSpec(self.mesh.axis_names) if self.mode == "runs" else PartitionSpec())
 
     def _batch_spec(self) -> PartitionSpec:
         axes = self.mesh.axis_names
+        if self.mode == "grid":
+            return PartitionSpec("runs", "batch")
         if self.mode == "runs":
             return PartitionSpec(axes)
         if self.mode == "batch":

@@ -276,15 +276,16 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
         if "schedule" not in compiled:  # one compile for all groups
             compiled["schedule"] = jax.jit(make_schedule(spec, total_steps))
     step_fn, schedule = compiled[key], compiled["schedule"]
-    state = layout.put_state(placement.stack(states) if stacked else states[0])
+    state = layout.put_state(placement.stack(layout.pad(states)) if stacked else states[0])
     if shared is not None and test_source is not None:
         # Now, not after the first step: the predictions then compile while the step does (~1.5 of
         # 2 cores busy), not while the runs train. The committed state has the step outputs' layout.
         shared.compile_predict(model, _variables(state), test_source, stacked)
     teacher_vars = layout.put_replicated(teacher.variables) if teacher is not None else None
     n = len(source)
-    weights = [np.ones(n, np.float32) if r.weights is None else np.asarray(r.weights, np.float32) for r in runs]
-    data_seeds = np.asarray([r.data_seed for r in runs], np.int32)
+    stepped = layout.pad(runs)  # the runs and, in a grid layout, copies of the last (results dropped)
+    weights = [np.ones(n, np.float32) if r.weights is None else np.asarray(r.weights, np.float32) for r in stepped]
+    data_seeds = np.asarray([r.data_seed for r in stepped], np.int32)
     data_seeds = layout.put_runs(data_seeds if stacked else data_seeds[0])
     writes = jax.process_index() == 0
     log_every = int(spec.log_every_steps)
@@ -308,7 +309,7 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
             bad = (unchecked[-1][0] if unchecked else start, 0)  # the last update gave non-finite weights
         unchecked.clear()
         if bad is not None:
-            run = runs[bad[1]]
+            run = runs[min(bad[1], len(runs) - 1)]  # a padding run is a copy of the last
             key = f"--config.{config_key}.lr" if config_key else "the learning rate (lr)"
             raise UserError(f"{run.desc}: the training loss became non-finite at step {bad[0]} of {total_steps}; "
                             f"the run diverged: lower {key} (now {spec.lr}), then rerun (the last good checkpoint "
@@ -319,7 +320,7 @@ def _train_together(model, spec, tx, runs, states, managers, start, batch_size, 
 
     try:
         for step in range(start, total_steps):
-            images, labels, w = layout.load(runs, weights, lambda run: batch_indices(n, batch_size, step,
+            images, labels, w = layout.load(stepped, weights, lambda run: batch_indices(n, batch_size, step,
                                                                                      run.data_seed))
             stored = stored_targets[step] if stored_targets is not None else None
             if shared is not None and shared.stop.is_set():

@@ -270,6 +270,40 @@ def tuning_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_table(rows: list[dict]) -> str:
+    """`plan` on pod targets (experiments/plan_targets.py): compiled-program estimates, not measured times."""
+    if not rows:
+        return ""
+    lines = ["| config | IPC | target | stage (program) | fits | GiB per device (of) | TFLOP / step | GB / step "
+             "| steps | roofline estimate | layout |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["stage"] if r["program"] == r["stage"] else f"{r['stage']} ({r['program']})"
+        if not r.get("compiled"):
+            lines.append(f"| {os.path.basename(r['config'])} | {r['ipc']} | {r['target']} | {name} | no | did not "
+                         f"compile: {r.get('error', '')[:80]} | | | | | |")
+            continue
+        est = r["estimated_seconds"]
+        est = f"{est:.1f} s" if est < 120 else f"{est / 60:.1f} min" if est < 7200 else f"{est / 3600:.1f} h"
+        lines.append(f"| {os.path.basename(r['config'])} | {r['ipc']} | {r['target']} | {name} "
+                     f"| {'yes' if r['fits'] else '**no**'} | {r['per_device_bytes'] / 2**30:.2f} "
+                     f"({r['device_memory_bytes'] / 2**30:.0f}) | {(r['flops_per_step'] or 0) / 1e12:.3f} "
+                     f"| {(r['bytes_per_step'] or 0) / 1e9:.2f} | {r['steps']} | {est} | {r['layout']} |")
+    return "\n".join(lines)
+
+
+def plan_check_table(rows: list[dict]) -> str:
+    """`plan`'s roofline estimate for cpu:1 against the measured step of the same program here."""
+    if not rows:
+        return ""
+    lines = ["| config | IPC | program | estimated step s | measured step s (median) | measured / estimate "
+             "| commit |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {os.path.basename(r['config'])} | {r['ipc']} | {r['program']} "
+                     f"| {r['estimated_step_seconds']:.4f} | {r['measured_step_seconds']:.4f} "
+                     f"| {r['measured_over_estimate']:.2f} | {r['code_commit'][:7]} |")
+    return "\n".join(lines)
+
+
 def load_rows(root: str = ROOT) -> list[dict]:
     rows = []
     for path in sorted(glob.glob(os.path.join(root, "experiments", "results", "*.jsonl"))):
@@ -291,6 +325,8 @@ def tables(rows: list[dict]) -> dict[str, str]:
         "scaling": scaling_table([r for r in rows if r.get("benchmark") == "synthesis_scaling"]),
         "evaluate": evaluate_table([r for r in rows if r.get("benchmark") == "evaluate"]),
         "teacher_devices": teacher_devices_table([r for r in rows if r.get("benchmark") == "teacher_devices"]),
+        "plan": plan_table([r for r in rows if r.get("kind") == "plan"]),
+        "plan_check": plan_check_table([r for r in rows if r.get("kind") == "cpu_check"]),
     }
 
 

@@ -9,10 +9,8 @@ gradient of all classes at once, computed by `synthesis_loss` on one device.
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,14 +23,9 @@ from wmdd_jax.train_step import Teacher, init_variables
 # float32 sums in another order (per chunk, per device): round-off of a few ulps of the loss parts.
 RTOL = 1e-5
 
-SETUP = """
-import jax, jax.numpy as jnp, numpy as np
-from tests.conftest import CONV_IMPL, tiny_config
-from wmdd_jax import distill
-from wmdd_jax.models import create_model
-from wmdd_jax.train_step import Teacher, init_variables
 
 def problem(C, m, batch_size, per_class_bn=True, conv_impl=CONV_IMPL):
+    """A tiny teacher, C classes of m images with targets; the last class is padding (mask 0)."""
     model = create_model("convnet3", C, norm="batch", width=4, conv_impl=conv_impl)
     teacher = Teacher(model, init_variables(model, jax.random.key(0), (8, 8, 1)))
     cfg = tiny_config().synthesis
@@ -42,18 +35,18 @@ def problem(C, m, batch_size, per_class_bn=True, conv_impl=CONV_IMPL):
     images = rng.normal(size=(C, m, 8, 8, 1)).astype(np.float32)
     support = rng.normal(size=(C, m, 4)).astype(np.float32)
     shape = (C, 4) if per_class_bn else (4,)
-    stat = lambda: {l: rng.uniform(size=shape).astype(np.float32) for l in ("norm0", "norm1", "norm2")}
+    stat = lambda: {l: rng.uniform(size=shape).astype(np.float32) for l in ("norm0", "norm1", "norm2")}  # noqa
     targets = distill.Targets(support, stat(), stat())
     mask = np.ones(C, np.float32)
     mask[-1] = 0.0  # a padded class
     return model, teacher, cfg, images, targets, np.arange(C, dtype=np.int32), mask
 
+
 def whole(model, teacher, cfg, images, targets, ids, mask):
+    """The gradient and loss parts of all classes at once, on one device."""
     f = jax.value_and_grad(distill.synthesis_loss, has_aux=True)
     (_, parts), grads = jax.jit(lambda x: f(x, jax.random.key(5), teacher, targets, cfg, 8, ids, mask))(images)
     return np.asarray(grads), {k: float(v) for k, v in parts.items()}
-"""
-exec(SETUP)
 
 
 @pytest.mark.parametrize("per_class_bn", [True, False])
@@ -89,7 +82,10 @@ def test_chunk_sizes_and_layouts():
     assert distill.class_layout(cfg, 10, 10, 1) == (10, False)
 
 
-MULTI = SETUP + """
+MULTI = """
+import jax, numpy as np
+from tests.test_synthesis_chunks import problem, whole
+from wmdd_jax import distill
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 devices = np.asarray(jax.devices())
 assert len(devices) == 4

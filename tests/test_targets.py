@@ -11,7 +11,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from tests.conftest import tiny_config

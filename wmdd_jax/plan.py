@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,7 +233,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
-class _Shapes:
+class Shapes:
     """The config's shapes without its data: classes, image shape, training-set size."""
 
     def __init__(self, config):
@@ -250,7 +250,7 @@ class _Shapes:
         self.std = np.ones(channels, np.float32)
 
 
-def _teacher(config, shapes: _Shapes, platform: str):
+def _teacher(config, shapes: Shapes, platform: str):
     model = model_from_spec(config.teacher, shapes.num_classes, config.conv_impl, platform)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shapes.image_shape))
     return model, variables
@@ -283,10 +283,11 @@ def _training(model, spec, num_examples: int, image_shape, mean, std, mesh: Mesh
             jax.ShapeDtypeStruct(lead, jnp.int32, sharding=state_sh if runs is not None else rep),
             _abstract(teacher[1], rep) if teacher else None, None)
     devices = layout.mesh.size if layout.mode != "single" else 1
-    return (lambda: step.lower(*args)), steps, f"{layout.mode} on {devices} devices, batch {batch}"
+    return Program(step, args, steps, f"{layout.mode} on {devices} devices, batch {batch}")
 
 
-def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]:
+def stage_programs(config, target: Target, shapes: Shapes) -> dict:
+    """Per stage a `Program` (evaluate: a list of (label, `Program`), one per model and label mode)."""
     platform = target.platform
     mesh = sharding.make_mesh(config.mesh, target.devices)
     host = Mesh(np.asarray(target.host_devices()), ("batch",))
@@ -310,7 +311,7 @@ def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]
     args = (_abstract(teacher_vars, NamedSharding(host, PartitionSpec())),
             jax.ShapeDtypeStruct((batch, *shapes.image_shape), jnp.float32, sharding=x_sh))
     steps = math.ceil(shapes.num_train / target.hosts / batch)
-    out["statistics"] = ((lambda args=args: jax.jit(features).lower(*args)), steps,
+    out["statistics"] = Program(jax.jit(features), args, steps,
                          f"data parallel on each host's {per_host} devices, batch {batch}")
 
     # barycenter: the stage's program, the host's classes split over its devices (its own classes each).
@@ -325,7 +326,7 @@ def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]
                  jax.ShapeDtypeStruct((host_classes, per_class), jnp.float32, sharding=split),
                  jax.eval_shape(lambda: jax.random.split(jax.random.key(0), host_classes)))
     bary_args = (*bary_args[:2], jax.ShapeDtypeStruct(bary_args[2].shape, bary_args[2].dtype, sharding=split))
-    out["barycenter"] = ((lambda: solve.lower(*bary_args)), 1,
+    out["barycenter"] = Program(solve, bary_args, 1,
                          f"{host_classes // host.size} classes per device ({per_class} x {feature_dim} features "
                          f"each); XLA counts each loop body once: a lower bound")
 
@@ -353,7 +354,7 @@ def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]
             jax.ShapeDtypeStruct((C_pad,), jnp.int32, sharding=cls),
             jax.ShapeDtypeStruct((C_pad,), jnp.float32, sharding=cls))
     chunk_note = "groups spread over devices" if spread else f"chunks of {chunk} classes ({chunk * m} images)"
-    out["recover"] = ((lambda args=args: step.lower(*args)), int(cfg.iterations),
+    out["recover"] = Program(step, args, int(cfg.iterations),
                       f"{C_pad // mesh.size} classes per device ({C_pad - C} padded), {chunk_note}")
 
     # relabel and evaluate: the students' training steps (every model and label mode; the largest counts).
@@ -376,16 +377,27 @@ def _stage_programs(config, target: Target, shapes: _Shapes) -> dict[str, tuple]
         relabel_batch = jax.ShapeDtypeStruct((batch, *shapes.image_shape), jnp.float32,
                                              sharding=NamedSharding(mesh, PartitionSpec()))
         fn = jax.jit(lambda v, x: teacher_model.apply(v, x, train=False).astype(jnp.float16))
-        out["relabel"] = ((lambda: fn.lower(_abstract(teacher_vars, NamedSharding(mesh, PartitionSpec())),
-                                            relabel_batch)), steps, f"teacher logits, batch {batch}, one device")
+        out["relabel"] = Program(fn, (_abstract(teacher_vars, NamedSharding(mesh, PartitionSpec())), relabel_batch),
+                                 steps, f"teacher logits, batch {batch}, one device")
     return out
 
 
-def _analyse(thunk: Callable, steps: int, note: str, target: Target) -> dict:
+class Program(NamedTuple):
+    """One program a stage runs: the jitted function, its abstract arguments (shapes and shardings on the
+    target), how many times the stage runs it, and how it is laid out."""
+
+    fn: Any
+    args: tuple
+    steps: int
+    layout: str
+
+
+def _analyse(program: Program, target: Target) -> dict:
     """Compile one program and read its per-device memory, FLOPs, bytes and roofline time."""
+    steps, note = program.steps, program.layout
     t0 = time.time()
     try:
-        lowered = thunk()
+        lowered = program.fn.lower(*program.args)
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - a program that does not compile is a row, not a crash
         return {"compiled": False, "error": str(e).strip().splitlines()[0][:300], "steps": steps, "layout": note,
@@ -404,9 +416,11 @@ def _analyse(thunk: Callable, steps: int, note: str, target: Target) -> dict:
     if flops is None:  # GPU: no cost analysis of the compiled program; the lowered one's, per device
         whole = lowered.cost_analysis() or {}
         whole = whole[0] if isinstance(whole, (list, tuple)) else whole
-        devices = len(compiled.input_shardings[0] and jax.tree.leaves(compiled.input_shardings)[0].device_set)
-        flops = whole.get("flops", 0.0) / max(devices, 1)
-        bytes_ = whole.get("bytes accessed", 0.0) / max(devices, 1)
+        # A shard_map body is per device already; the rest of a lowered program is the whole mesh's work.
+        manual = "manual_computation" in lowered.as_text()
+        devices = 1 if manual else max(len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings))
+        flops = whole.get("flops", 0.0) / devices
+        bytes_ = whole.get("bytes accessed", 0.0) / devices
     step_seconds = max(float(flops or 0) / target.peak_flops, float(bytes_ or 0) / target.bandwidth)
     return {"compiled": True, "per_device_bytes": peak, "flops_per_step": flops, "bytes_per_step": bytes_,
             "steps": steps, "step_seconds": step_seconds, "estimated_seconds": step_seconds * steps,
@@ -437,8 +451,8 @@ def plan(config, workdir: str, target_text: str) -> list[dict]:
     Returns the records; the CLI exits 3 when one does not fit.
     """
     target = parse_target(target_text)
-    shapes = _Shapes(config)
-    programs = _stage_programs(config, target, shapes)
+    shapes = Shapes(config)
+    programs = stage_programs(config, target, shapes)
     rate = _decode_rate(shapes.image_shape[0]) if shapes.image_shape[0] >= 64 else None
     _print_header(target)
     records = []
@@ -446,9 +460,9 @@ def plan(config, workdir: str, target_text: str) -> list[dict]:
         if stage not in programs:
             continue
         entries = programs[stage] if isinstance(programs[stage], list) else [("", programs[stage])]
-        for label, (thunk, steps, note) in entries:
+        for label, program in entries:
             record = {"stage": stage, "program": label or stage, "target": target.name,
-                      **_analyse(thunk, steps, note, target)}
+                      **_analyse(program, target)}
             record["device_memory_bytes"] = target.device_memory
             record["fits"] = bool(record.get("compiled")) and record["per_device_bytes"] <= target.device_memory
             # pretrain and statistics read real images: what a host must decode per second at the estimate.

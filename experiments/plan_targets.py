@@ -70,7 +70,8 @@ def plan_targets(args) -> None:
             with tempfile.TemporaryDirectory() as workdir:
                 cmd = [args.python, "-m", "wmdd_jax", "plan", f"--config={args.config}", f"--workdir={workdir}",
                        f"--target={target}", f"--config.ipc={ipc}"]
-                env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+                # Compile-only: no local accelerator is started (libtpu and CUDA still compile).
+                env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
                 t0 = time.time()
                 run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 print(run.stdout, run.stderr[-2000:] if run.returncode not in (0, 3) else "", flush=True)

@@ -75,13 +75,15 @@ def test_plan_compiles_every_stage_for_a_tpu(tmp_path, monkeypatch):
     config.synthesis.iterations = 10
     config.barycenter.max_features_per_class = 50
     config.eval.label_modes = ("hard", "soft")
-    records = plan_module.plan(config, str(tmp_path), "tpu:v5e:2x2")
+    config.eval.seeds = (0, 1, 2)  # 3 seeds of batch 20 on 8 chips: a 2 x 4 grid, the seeds padded to 4
+    records = plan_module.plan(config, str(tmp_path), "tpu:v5e:2x4")
     stages = [r["stage"] for r in records]
     assert stages == ["pretrain", "statistics", "barycenter", "recover", "relabel", "evaluate", "evaluate"]
     assert all(r["compiled"] and r["fits"] for r in records), records
     for r in records:
         assert 0 < r["per_device_bytes"] < r["device_memory_bytes"] == 16 * 2**30
         assert r["flops_per_step"] > 0 and r["estimated_seconds"] > 0
+    assert all(r["layout"].startswith("grid on 8 devices") for r in records if r["stage"] == "evaluate")
     saved = json.load(open(tmp_path / "plan.json"))
     assert [r["stage"] for r in saved] == stages
     assert plan_module.not_fitting(records) == []

@@ -266,9 +266,9 @@ def _training(model, spec, num_examples: int, image_shape, mean, std, mesh: Mesh
     state = jax.eval_shape(lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                                                 batch_stats=v.get("batch_stats", {}),
                                                 opt_state=tx.init(v["params"])), variables)
-    lead = () if runs is None else (runs,)
+    lead = () if runs is None else (layout.padded_runs,)  # a grid steps copies of the last run too
     if runs is not None:
-        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct((runs, *s.shape), s.dtype), state)
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype), state)
     use = layout.mesh if layout.mode != "single" else Mesh(np.asarray(list(mesh.devices.flat)[:1]), ("devices",))
     state_sh = layout.state_sharding or NamedSharding(use, PartitionSpec())
     batch_sh = NamedSharding(use, layout._batch_spec()) if layout.mode != "single" else state_sh

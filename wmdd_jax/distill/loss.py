@@ -71,7 +71,7 @@ def synthesis_loss(images, rng, teacher: Teacher, targets: Targets, cfg, image_s
     A group's means divide by the real classes in it (padded classes count for nothing).
 
     ``spread``: ``(axis names, position of this device's first class, groups in all)`` inside a
-    ``shard_map`` whose devices hold fewer classes than a group (`make_synthesis_step`): the groups' sums
+    ``shard_map`` whose devices hold fewer classes than a group (`synthesis_grad_fn`): the groups' sums
     are then added across those axes, and the loss returned is that of every device's classes.
     """
     C, m = images.shape[:2]

@@ -101,3 +101,20 @@ def test_plan_rejects_unknown_targets(tmp_path):
         with pytest.raises(UserError):
             parse_target(bad)
     assert parse_target("cpu:1").platform == "cpu"
+
+
+def test_the_command_line_exits_3_with_a_line_per_stage_that_does_not_fit(monkeypatch, capsys, tmp_path):
+    from wmdd_jax import main, plan
+
+    record = dict(stage="recover", program="recover", target="tpu:v5e:2x2", compiled=True, fits=False,
+                  per_device_bytes=40 * 2**30, device_memory_bytes=16 * 2**30)
+    fits = dict(record, stage="pretrain", program="pretrain", fits=True, per_device_bytes=2**30)
+    monkeypatch.setattr(plan, "plan", lambda config, workdir, target: [fits, record])
+    with pytest.raises(SystemExit) as stop:
+        main._plan(tiny_config(), str(tmp_path), "tpu:v5e:2x2")
+    assert stop.value.code == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["wmdd_jax: does not fit: recover: needs 40.0 GiB per device of 16.0 GiB: lower "
+                     "--config.synthesis.chunk_images (images per forward/backward chunk) or use more devices"]
+    monkeypatch.setattr(plan, "plan", lambda config, workdir, target: [fits])
+    main._plan(tiny_config(), str(tmp_path), "tpu:v5e:2x2")  # all fit: returns, exit 0

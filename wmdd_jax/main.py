@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
         name = ".lock" if process_index() == 0 else f".lock.process{process_index()}"
         with WorkdirLock(FLAGS.workdir, name):
             if argv[1] == "plan":
-                _plan(config)
+                _plan(config, FLAGS.workdir, FLAGS.target)
             else:
                 _stages()[argv[1]](config, FLAGS.workdir)
     except UserError as e:
@@ -126,13 +126,13 @@ def main(argv: list[str]) -> None:
               f"--workdir)")
 
 
-def _plan(config) -> None:
+def _plan(config, workdir: str, target: str | None) -> None:
     """Stage ``plan`` (`wmdd_jax.plan`): exit 3, one line per stage, when a stage does not fit the target."""
-    from wmdd_jax.plan import not_fitting, plan
+    from wmdd_jax import plan
 
-    if not FLAGS.target:
+    if not target:
         raise UserError("plan needs --target, e.g. --target=tpu:v5e:4x4, gpu:h100:8 or cpu:1")
-    problems = not_fitting(plan(config, FLAGS.workdir, FLAGS.target))
+    problems = plan.not_fitting(plan.plan(config, workdir, target))
     if problems:
         for line in problems:
             print(f"wmdd_jax: does not fit: {line}", file=sys.stderr)

@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -68,3 +70,12 @@ def tiny_config(workdir_data: str = FMNIST_SUBSET):
     config.eval.seeds = (0,)
     config.ipc = 2
     return config
+
+
+def run_on_cpu_devices(code: str, devices: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter with ``devices`` simulated CPU devices (fixed when jax starts)."""
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)

@@ -4,12 +4,10 @@ The device count must be fixed before jax starts, so the checks run in a fresh i
 XLA_FLAGS=--xla_force_host_platform_device_count=8; this process's jax is left alone.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_on_cpu_devices
+
 
 SCRIPT = textwrap.dedent("""
     import warnings
@@ -79,9 +77,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_pmap_and_shard_map_match_unbatched():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_on_cpu_devices(SCRIPT, 8)
     assert proc.returncode == 0 and "multidevice OK" in proc.stdout, proc.stdout + proc.stderr[-5000:]

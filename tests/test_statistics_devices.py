@@ -10,12 +10,10 @@ Winograd kernels a ResNet-18 differed by 2.4e-6 in features and 1.8e-7 in BN sta
 one device with batch 25 against batch 100 does. The bound below allows for other XLA builds.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_on_cpu_devices
+
 
 SCRIPT = textwrap.dedent("""
     import warnings
@@ -82,9 +80,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_statistics_on_four_devices_match_one():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_on_cpu_devices(SCRIPT, 4)
     assert proc.returncode == 0 and "statistics on 4 devices OK" in proc.stdout, proc.stdout + proc.stderr[-5000:]

@@ -6,15 +6,11 @@ a group add the groups' sums across devices (``spread``). Each case is compared 
 gradient of all classes at once, computed by `synthesis_loss` on one device.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-from tests.conftest import CONV_IMPL, ROOT, tiny_config
+from tests.conftest import CONV_IMPL, run_on_cpu_devices, tiny_config
 from wmdd_jax import distill
 from wmdd_jax.distill.loss import synthesis_grad
 from wmdd_jax.models import create_model
@@ -110,9 +106,7 @@ print("RESULT", out)
 
 def test_devices_give_the_whole_gradient():
     """4 simulated devices: whole groups per device (with chunks), and groups spread over devices."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", MULTI], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = run_on_cpu_devices(MULTI, 4)
     assert done.returncode == 0, done.stderr[-3000:]
     result = eval(done.stdout.split("RESULT", 1)[1])
     for name, r in result.items():

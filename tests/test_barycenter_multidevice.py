@@ -72,6 +72,10 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(spread.support, alone.support, atol=atol, err_msg=f"stage {lw}")
         np.testing.assert_allclose(spread.weights, alone.weights, atol=1e-6, err_msg=f"stage {lw}")
         np.testing.assert_allclose(spread.cost, alone.cost, rtol=5e-3, atol=1e-6, err_msg=f"stage {lw}")
+    # Fewer classes than devices: 3 classes, 5 padding ones.
+    few = ClassStatistics(mine[:3], feats[:3], [np.arange(len(f)) for f in feats[:3]], {}, {})
+    spread = compute_barycenters(few, M, cfg, 0, C, devices=jax.devices())
+    np.testing.assert_allclose(spread.support, alone.support[:3], atol=1e-5, err_msg="3 classes on 8 devices")
     print("multidevice OK")
 """)
 

@@ -106,6 +106,14 @@ def run_platform() -> str:
     return jax.devices()[0].platform
 
 
+def local_work_devices() -> list:
+    """The devices a process splits its own share of a stage over (statistics, barycenters): all of its
+    accelerators, or its first CPU device (a process's CPU devices share its cores: a split gains nothing,
+    and other per-device batches change the round-off that the synthesis amplifies)."""
+    devices = jax.local_devices()
+    return devices[:1] if devices[0].platform == "cpu" else devices
+
+
 def class_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (class) axis split over every mesh axis; the rest whole."""
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names))

@@ -64,9 +64,7 @@ def class_statistics(teacher: Teacher, source: Source, *, classes=None, batch_si
     Only those classes' images are read. With ``max_features_per_class``, class ``k`` keeps a
     random subset drawn from ``(seed, k)``, the same whichever process computes it.
 
-    Data parallel over ``devices`` (default: this process's accelerators, ``jax.local_devices()``; on a
-    CPU its first device only: a process's CPU devices share the same cores, so a split batch gains
-    nothing, and per-device batches change the round-off that the synthesis then amplifies): each batch,
+    Data parallel over ``devices`` (default: `wmdd_jax.sharding.local_work_devices`): each batch,
     rounded up to a multiple of their count, is split along a 1-D ``batch`` mesh and the teacher
     replicated on it. One batch stays in flight: batch ``i + 1`` is dispatched before batch ``i``
     comes back to the host, so reading the images overlaps the devices' work. Per-sample results
@@ -77,10 +75,7 @@ def class_statistics(teacher: Teacher, source: Source, *, classes=None, batch_si
     per_class = [np.asarray(source.class_indices(k)) for k in classes]
     order = np.concatenate(per_class)
     position = np.repeat(np.arange(len(classes)), [len(i) for i in per_class])
-    if devices is None:
-        devices = jax.local_devices()
-        devices = devices[:1] if devices[0].platform == "cpu" else devices
-    mesh = Mesh(np.asarray(devices), ("batch",))
+    mesh = Mesh(np.asarray(sharding.local_work_devices() if devices is None else devices), ("batch",))
     batch_size = -(-batch_size // mesh.size) * mesh.size  # padded rows (the last index again) are dropped
     rows = NamedSharding(mesh, PartitionSpec("batch"))
     variables = jax.device_put(teacher.variables, NamedSharding(mesh, PartitionSpec()))

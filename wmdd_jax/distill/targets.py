@@ -12,7 +12,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
@@ -35,7 +34,7 @@ def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int
 
     Class ``k`` draws from ``split(key(seed), num_classes)[k]`` (``num_classes``: of the whole
     set, default ``len(stats.classes)``), so a process's subset gives the rows of the full run.
-    ``devices`` (default: this process's accelerators, or its first CPU device): with several, the
+    ``devices`` (default: `wmdd_jax.sharding.local_work_devices`): with several, the
     classes are split over them (`class_barycenters_on`); each class's row is the same either way.
     """
     num_classes = len(stats.classes) if num_classes is None else num_classes
@@ -44,13 +43,11 @@ def compute_barycenters(stats: ClassStatistics, ipc: int, bary_config, seed: int
         raise UserError(f"class {stats.classes[int(np.argmin(sizes))]} has {min(sizes)} images, fewer than "
                         f"ipc={ipc}; lower --config.ipc or raise --config.barycenter.max_features_per_class")
     keys = jax.random.split(jax.random.key(seed), num_classes)[np.asarray(stats.classes)]
-    if devices is None:
-        devices = jax.local_devices()
-        devices = devices[:1] if devices[0].platform == "cpu" else devices
+    devices = sharding.local_work_devices() if devices is None else devices
     if len(devices) > 1:
         mesh = Mesh(np.asarray(devices), ("classes",))
         points, weights = _padded(stats.features, mesh.size)
-        keys = jnp.concatenate([keys, keys[: len(points) - len(keys)]])  # padded classes: any key
+        keys = keys[np.arange(len(points)) % len(keys)]  # padded classes: any key (their rows are dropped)
         fn = class_barycenters_on(mesh, ipc, bary_config)
         out = fn(points, weights, keys)
         return jax.tree.map(lambda x: x[: len(sizes)], out)

@@ -18,7 +18,7 @@ from wmdd_jax.files import WorkdirLock, make_folder
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, arrays, metrics and results go here.")
 flags.DEFINE_string("target", None, "plan only: tpu:<topology>[:megacore] (e.g. tpu:v5e:4x4), gpu:<card>:<count> "
-                    "(h100, a100) or cpu:<count>.")
+                    "(h100, h200, a100) or cpu:<count>.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override fields with --config.a.b=value.",
                                 lock_config=True)
 

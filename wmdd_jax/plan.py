@@ -51,9 +51,22 @@ TPU_CHIPS = {
     "v5p": (95 * GIB, 459e12, 2765e9, "TPU v5p: 459 TFLOP/s bf16, 2765 GB/s, 95 GiB per chip"),
     "v6e": (32 * GIB, 918e12, 1640e9, "TPU v6e: 918 TFLOP/s bf16, 1640 GB/s, 32 GiB per chip"),
 }
+class Gpu(NamedTuple):
+    memory: int                 # bytes
+    flops: float                # dense TF32 FLOP/s (XLA's default for float32 matmuls on these cards)
+    bandwidth: float            # HBM bytes/s
+    source: str
+    capability: str             # CUDA compute capability
+    cores: int                  # streaming multiprocessors
+    l2: int                     # L2 cache bytes
+
+
 GPUS = {
-    "h100": (80 * 10**9, 494e12, 3350e9, "H100 SXM: 494 TFLOP/s TF32 dense, 3350 GB/s, 80 GB", "9.0"),
-    "a100": (80 * 10**9, 156e12, 2039e9, "A100 80GB SXM: 156 TFLOP/s TF32 dense, 2039 GB/s, 80 GB", "8.0"),
+    "h100": Gpu(80 * 10**9, 494e12, 3350e9, "H100 SXM: 494 TFLOP/s TF32 dense, 3350 GB/s, 80 GB", "9.0", 132, 50 * 2**20),
+    "h200": Gpu(141 * 10**9, 494e12, 4800e9, "H200 SXM: 494 TFLOP/s TF32 dense, 4800 GB/s, 141 GB", "9.0", 132,
+                50 * 2**20),
+    "a100": Gpu(80 * 10**9, 156e12, 2039e9, "A100 80GB SXM: 156 TFLOP/s TF32 dense, 2039 GB/s, 80 GB", "8.0", 108,
+                40 * 2**20),
 }
 # Images per host per second needed by pretrain and statistics, against what `fit_image` decodes here.
 DATASETS = {  # name: (training images, channels); facts of the datasets, for planning without the data
@@ -137,10 +150,10 @@ def _gpu_target(text: str, rest: str) -> Target:
     card, _, count = rest.partition(":")
     if card not in GPUS or not count.isdigit() or int(count) < 1:
         raise UserError(f"unknown GPU target {text!r}: use gpu:<card>:<count> with card one of {', '.join(GPUS)}")
-    memory, flops, bandwidth, source, capability = GPUS[card]
+    memory, flops, bandwidth, source = GPUS[card][:4]
     try:
         from jax.experimental import topologies
-        config = _gpu_target_config(card, capability)
+        config = _gpu_target_config(card)
         devices = topologies.get_topology_desc(platform="cuda", target_config=config,
                                                topology=f"1x1x{int(count)}").devices
     except Exception as e:
@@ -149,17 +162,16 @@ def _gpu_target(text: str, rest: str) -> Target:
     return Target(text, "gpu", list(devices), 1, memory, flops, bandwidth, source)
 
 
-def _gpu_target_config(card: str, capability: str) -> str:
-    """A ``GpuTargetConfig`` text proto for ``card`` (the fields XLA needs to compile for it)."""
-    major, minor = capability.split(".")
-    memory = GPUS[card][0]
+def _gpu_target_config(card: str) -> str:
+    """A ``GpuTargetConfig`` text proto for ``card``: the fields XLA needs to compile for it."""
+    gpu = GPUS[card]
+    major, minor = gpu.capability.split(".")
     return (f'gpu_device_info {{ threads_per_block_limit: 1024 threads_per_warp: 32 '
             f'shared_memory_per_block: 49152 shared_memory_per_core: 233472 threads_per_core_limit: 2048 '
-            f'core_count: {132 if card == "h100" else 108} fpus_per_core: 128 block_dim_limit_x: 2147483647 '
-            f'block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {int(GPUS[card][2])} '
-            f'l2_cache_size: {52428800 if card == "h100" else 41943040} clock_rate_ghz: 1.755 '
-            f'device_memory_size: {memory} shared_memory_per_block_optin: 232448 '
-            f'cuda_compute_capability {{ major: {major} minor: {minor} }} '
+            f'core_count: {gpu.cores} fpus_per_core: 128 block_dim_limit_x: 2147483647 '
+            f'block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {int(gpu.bandwidth)} '
+            f'l2_cache_size: {gpu.l2} clock_rate_ghz: 1.755 device_memory_size: {gpu.memory} '
+            f'shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: {major} minor: {minor} }} '
             f'registers_per_core_limit: 65536 registers_per_block_limit: 65536 }} '
             f'platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 1 }} '
             f'device_description_str: "{card.upper()}"')

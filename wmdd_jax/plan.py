@@ -68,7 +68,7 @@ GPUS = {
     "a100": Gpu(80 * 10**9, 156e12, 2039e9, "A100 80GB SXM: 156 TFLOP/s TF32 dense, 2039 GB/s, 80 GB", "8.0", 108,
                 40 * 2**20),
 }
-# Images per host per second needed by pretrain and statistics, against what `fit_image` decodes here.
+
 DATASETS = {  # name: (training images, channels); facts of the datasets, for planning without the data
     "fashion_mnist": (60000, 1), "cifar10": (50000, 3), "cifar100": (50000, 3), "imagenette": (9469, 3),
     "tiny_imagenet": (100000, 3), "imagenet2012": (1281167, 3),

@@ -13,8 +13,8 @@ leading run axis) and, given a mesh, spreads the work over its devices. `BatchLa
   last, whose results are dropped);
 * ``replicated``: every device computes the whole step (nothing divides).
 
-On one process a layout may use fewer devices than the mesh has: the most that divide the runs
-or the batch.
+On one process a single run may use fewer devices than the mesh has: the most that divide its
+batch. Several runs always fill the mesh (``runs``, ``batch`` or ``grid``).
 
 On several processes each process loads only the rows its own devices hold.
 """
@@ -51,7 +51,7 @@ class BatchLayout:
         processes = jax.process_count() if num_processes is None else num_processes
         if processes > 1:  # every process's devices take part: the whole mesh or nothing
             sizes = [len(devices)]
-        else:  # on one process, as many devices as divide the work (3 runs of batch 100 on 8: 4)
+        else:  # on one process, as many devices as divide the work (1 run of batch 100 on 8: 4)
             sizes = [d for d in range(len(devices), 0, -1) if len(devices) % d == 0]
         for d in sizes:
             for mode, count in (("runs", num_runs), ("batch", batch_size)):
